@@ -1,0 +1,1 @@
+"""Model zoo: networks only (no training loop, files, MLflow or DVC)."""

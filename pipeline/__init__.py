@@ -1,0 +1,1 @@
+"""SEVIR nowcasting pipeline: the DVC stages and the library they share."""

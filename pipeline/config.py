@@ -1,0 +1,276 @@
+"""params.yaml -> one typed, validated config object.
+
+``load(path)`` is the only place params.yaml is read. Every stage receives the
+returned :class:`Config` (or one of its sections). A wrong type, an unknown key
+or an impossible value raises :class:`ConfigError` with one line that names the
+key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from models.config import ModelConfig
+from pipeline.errors import ConfigError
+
+PositiveInt = Annotated[int, Field(ge=1)]
+NonNegInt = Annotated[int, Field(ge=0)]
+PositiveFloat = Annotated[float, Field(gt=0)]
+NonNegFloat = Annotated[float, Field(ge=0)]
+Fraction = Annotated[float, Field(ge=0, le=1)]
+
+
+class Section(BaseModel):
+    """Base of every params.yaml section: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+
+# --------------------------------------------------------------------------- data
+class SyntheticSource(Section):
+    """The embedded SEVIR-format sample generator (pipeline.synthetic)."""
+
+    n_events: PositiveInt = 100
+    size: Annotated[int, Field(ge=16, le=1024)] = 128  # frame height = width, pixels
+    frames: Annotated[int, Field(ge=2, le=49)] = 49  # frames per event (SEVIR: 49 at 5 min)
+    events_per_file: PositiveInt = 50
+    storm_fraction: Fraction = 0.7  # share of 'S' (storm) events vs 'R' (random)
+    first_day: dt.date = dt.date(2018, 1, 1)  # time_utc is spread from here ...
+    last_day: dt.date = dt.date(2019, 12, 31)  # ... to here, so every split has events
+
+    @model_validator(mode="after")
+    def _days_ordered(self) -> SyntheticSource:
+        if self.last_day <= self.first_day:
+            raise ValueError("data.synthetic.last_day must be after data.synthetic.first_day")
+        return self
+
+
+class S3Source(Section):
+    """The public SEVIR bucket (or an S3-compatible mirror), read with unsigned requests."""
+
+    bucket: str = "sevir"
+    endpoint_url: str | None = None  # e.g. http://127.0.0.1:9000 for a mirror
+    region: str = "us-east-1"
+    catalog_key: str = "CATALOG.csv"
+    data_prefix: str = "data"  # file_name in the catalog is relative to this prefix
+    years: list[Annotated[int, Field(ge=2017, le=2030)]] = [2019]
+    event_types: list[str] = []  # catalog event_type values to keep; empty keeps all
+    max_files: NonNegInt = 1  # cap on VIL files downloaded; 0 = no cap
+    max_events: NonNegInt = 0  # cap on catalog VIL events kept; 0 = no cap
+    retries: NonNegInt = 5
+    backoff_s: NonNegFloat = 1.0
+    part_size_mb: PositiveInt = 16
+
+
+class LocalSource(Section):
+    """An existing SEVIR directory (CATALOG.csv + vil/...), used in place without copying."""
+
+    path: Path | None = None
+
+
+class SplitConfig(Section):
+    """Chronological split on ``time_utc`` (default: the Earthformer dates)."""
+
+    train_end: dt.datetime = dt.datetime(2019, 1, 1)  # train: time_utc <= train_end
+    val_end: dt.datetime = dt.datetime(2019, 6, 1)  # val: train_end < time_utc <= val_end; test after
+
+    @model_validator(mode="after")
+    def _ordered(self) -> SplitConfig:
+        if self.val_end <= self.train_end:
+            raise ValueError("data.split.val_end must be after data.split.train_end")
+        return self
+
+
+class DataConfig(Section):
+    source: Literal["synthetic", "s3", "local"] = "synthetic"
+    root: Path = Path("data/raw")  # fetch output: CATALOG.csv + vil/YYYY/SEVIR_VIL_*.h5
+    seed: NonNegInt = 0
+    synthetic: SyntheticSource = SyntheticSource()
+    s3: S3Source = S3Source()
+    local: LocalSource = LocalSource()
+    split: SplitConfig = SplitConfig()
+
+    @model_validator(mode="after")
+    def _local_needs_path(self) -> DataConfig:
+        if self.source == "local" and self.local.path is None:
+            raise ValueError("data.local.path must name an existing SEVIR directory when data.source is 'local'")
+        return self
+
+
+# ------------------------------------------------------------------------ windows
+class WindowsConfig(Section):
+    """How each 49-frame event is cut into input+target windows (stage chunk)."""
+
+    in_len: PositiveInt = 13
+    out_len: PositiveInt = 12
+    stride: PositiveInt = 12
+    memory_len: PositiveInt | None = None  # phase-1 long clip; None = in_len + out_len
+    downsample: PositiveInt = 1  # spatial factor, e.g. 3 turns 384x384 into 128x128
+    root: Path = Path("data/windows")
+    chunk_events: PositiveInt = 1  # events read from h5 at once (bounds memory)
+
+    @property
+    def window_len(self) -> int:
+        return self.in_len + self.out_len
+
+    @property
+    def long_len(self) -> int:
+        return self.memory_len if self.memory_len is not None else self.window_len
+
+    @model_validator(mode="after")
+    def _fits(self) -> WindowsConfig:
+        if self.window_len > 49:
+            raise ValueError(f"windows.in_len + windows.out_len = {self.window_len} exceeds the 49 frames of a SEVIR event")
+        if self.memory_len is not None and not self.window_len <= self.memory_len <= 49:
+            raise ValueError(f"windows.memory_len must be between in_len + out_len ({self.window_len}) and 49")
+        return self
+
+
+# -------------------------------------------------------------------------- train
+class PhaseConfig(Section):
+    epochs: PositiveInt = 2
+    lr: PositiveFloat = 1e-3
+    weight_decay: NonNegFloat = 1e-4
+    warmup_frac: Fraction = 0.1
+    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
+    max_steps_per_epoch: NonNegInt = 0  # 0 = whole epoch
+    grad_clip: NonNegFloat = 1.0
+    l2_weight: NonNegFloat = 1.0  # loss = L1 + l2_weight * MSE
+
+
+class TrainConfig(Section):
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    compile: bool = False
+    batch_size: PositiveInt = 4
+    grad_accum: PositiveInt = 1
+    num_workers: NonNegInt = 0
+    seed: NonNegInt = 0
+    checkpoint_dir: Path = Path("artifacts")
+    phase1: PhaseConfig = PhaseConfig()
+    phase2: PhaseConfig = PhaseConfig()
+
+
+# ----------------------------------------------------------------------- evaluate
+class EvaluateConfig(Section):
+    thresholds: list[Annotated[int, Field(ge=0, le=255)]] = [16, 74, 133, 160, 181, 219]
+    pool_sizes: list[PositiveInt] = [1, 4, 16]
+    baselines: list[Literal["persistence", "optical_flow"]] = ["persistence", "optical_flow"]
+    batch_size: PositiveInt = 4
+    max_batches: NonNegInt = 0  # 0 = the whole test split
+    n_examples: NonNegInt = 3  # sample forecast images written to reports/
+    reports_dir: Path = Path("reports")
+
+
+# ------------------------------------------------------------------------- search
+class SearchConfig(Section):
+    n_trials: PositiveInt = 4
+    timeout_s: NonNegInt = 0  # 0 = no limit
+    study_name: str = "phase1"
+    storage: str | None = None  # None = a journal file under artifacts/; or an RDB URL
+    sampler_seed: NonNegInt = 0
+    epochs: PositiveInt = 1
+    pruner: Literal["median", "hyperband", "none"] = "median"
+
+
+# ----------------------------------------------------------------------- tracking
+class TrackingConfig(Section):
+    uri: str | None = None  # None = sqlite:///<repo>/mlflow.db (or $MLFLOW_TRACKING_URI)
+    experiment: str = "sevir-nowcasting"
+    log_system_metrics: bool = False
+
+
+# ------------------------------------------------------------------------ the lot
+class Config(Section):
+    data: DataConfig = DataConfig()
+    windows: WindowsConfig = WindowsConfig()
+    model: ModelConfig = ModelConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    search: SearchConfig = SearchConfig()
+    tracking: TrackingConfig = TrackingConfig()
+
+    @model_validator(mode="after")
+    def _frame_fits_model(self) -> Config:
+        # The model's spatial constraint depends on the frame size the windows will have.
+        size = self.frame_size()
+        if size is not None:
+            self.model.check_frame_size(size, size, prefix="model")
+        return self
+
+    def frame_size(self) -> int | None:
+        """Frame side after downsampling, when it is known from params (synthetic: size; SEVIR: 384)."""
+        raw = self.data.synthetic.size if self.data.source == "synthetic" else 384
+        if raw % self.windows.downsample:
+            raise ValueError(
+                f"windows.downsample = {self.windows.downsample} does not divide the frame size {raw}; "
+                "pick a divisor"
+            )
+        return raw // self.windows.downsample
+
+
+def _format_loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(part) for part in loc)
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """One line per problem: ``<file>: <key>: <what is wrong and what is allowed>``; first problem only."""
+    first = err.errors(include_url=False)[0]
+    key = _format_loc(first["loc"])
+    kind = first["type"]
+    if kind == "extra_forbidden":
+        parent = first["loc"][:-1]
+        allowed = _allowed_keys(parent)
+        hint = f"unknown key; allowed keys here: {', '.join(allowed)}" if allowed else "unknown key"
+        return f"{source}: {key}: {hint}"
+    msg = first["msg"]
+    if msg.startswith("Value error, "):
+        msg = msg[len("Value error, ") :]
+    if kind in {"value_error", "assertion_error"} and (not key or msg.startswith(key.split(".")[0])):
+        return f"{source}: {msg}"
+    got = first.get("input")
+    got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
+    return f"{source}: {key}: {msg}{got_txt}"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    model: type[BaseModel] = Config
+    for part in loc:
+        field = model.model_fields.get(str(part))
+        if field is None or not isinstance(field.annotation, type) or not issubclass(field.annotation, BaseModel):
+            return []
+        model = field.annotation
+    return list(model.model_fields)
+
+
+def from_dict(raw: dict[str, Any] | None, source: str = "params.yaml") -> Config:
+    """Validate a params mapping (as read from YAML) into a :class:`Config`."""
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections (data, windows, model, ...)")
+    try:
+        return Config.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(format_validation_error(err, source)) from None
+    except ValueError as err:  # raised outside pydantic's wrapping (e.g. in a property)
+        raise ConfigError(f"{source}: {err}") from None
+
+
+def load(path: str | Path = "params.yaml") -> Config:
+    """Read and validate params.yaml. Raises :class:`ConfigError` naming the key at fault."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found; run from the repository root or pass --params")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} is not valid YAML ({getattr(err, 'problem', err)})") from None
+    return from_dict(raw, source=str(path))

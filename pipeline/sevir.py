@@ -1,0 +1,199 @@
+"""The SEVIR format: catalog schema, h5 layout, VIL decoding, safe paths, atomic writes.
+
+Layout of a SEVIR root (the bucket's ``data/`` folder, or ``data/raw`` here)::
+
+    CATALOG.csv                                   21 columns, one row per (event, image type)
+    vil/2018/SEVIR_VIL_STORMEVENTS_2018_0101_0630.h5
+        id   (N,)            event ids, bytes ("S..." storm, "R..." random)
+        vil  (N, H, W, T)    uint8, 0-255 (decode with :func:`vil_to_kgm2`), T = 49 at 5 min
+
+``file_name`` in the catalog is relative to the root; ``file_index`` is the row
+in that file's ``vil`` dataset.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+from pipeline.errors import DataError
+
+CATALOG_NAME = "CATALOG.csv"
+CATALOG_COLUMNS = [
+    "id", "file_name", "file_index", "img_type", "time_utc", "minute_offsets", "episode_id",
+    "event_id", "event_type", "llcrnrlat", "llcrnrlon", "urcrnrlat", "urcrnrlon", "proj",
+    "size_x", "size_y", "height_m", "width_m", "data_min", "data_max", "pct_missing",
+]  # fmt: skip
+# Columns a VIL pipeline cannot work without.
+REQUIRED_COLUMNS = ["id", "file_name", "file_index", "img_type", "time_utc", "pct_missing"]
+
+FRAMES = 49  # per event, 5 minutes apart
+FRAME_MINUTES = 5
+VIL_SIZE = 384  # pixels per side, 1 km each
+PROJ = "+proj=laea +lat_0=38 +lon_0=-98 +units=m +a=6370997.0 +ellps=sphere"
+# Standard verification thresholds on the 0-255 scale (~0.15 ... 32.2 kg/m^2).
+VIL_THRESHOLDS = (16, 74, 133, 160, 181, 219)
+EVENT_KINDS = ("STORMEVENTS", "RANDOMEVENTS", "ALLEVENTS")
+
+
+def vil_to_kgm2(x: np.ndarray) -> np.ndarray:
+    """Decode stored VIL (0-255) to physical vertically integrated liquid in kg/m^2."""
+    x = np.asarray(x, dtype=np.float64)
+    out = np.zeros_like(x)
+    mid = (x > 5) & (x <= 18)
+    out[mid] = (x[mid] - 2.0) / 90.66
+    high = x > 18
+    out[high] = np.exp((x[high] - 83.9) / 38.9)
+    return out
+
+
+def vil_file_name(year: int, events: str, start_mmdd: str, end_mmdd: str) -> str:
+    """Catalog-style relative name, e.g. ``vil/2018/SEVIR_VIL_STORMEVENTS_2018_0101_0630.h5``."""
+    if events not in EVENT_KINDS:
+        raise ValueError(f"events must be one of {EVENT_KINDS}, got {events!r}")
+    return f"vil/{year}/SEVIR_VIL_{events}_{year}_{start_mmdd}_{end_mmdd}.h5"
+
+
+def safe_join(root: Path, file_name: str, what: str = "file_name") -> Path:
+    """``root / file_name``, refusing names that escape ``root`` (``../``, absolute paths)."""
+    name = str(file_name)
+    if not name or os.path.isabs(name) or name.startswith(("/", "\\")) or ":" in name.split("/")[0]:
+        raise DataError(f"{what} {name!r} is not a relative path under the data root; fix the catalog row")
+    parts = Path(name).parts
+    if ".." in parts:
+        raise DataError(f"{what} {name!r} escapes the data root ('..'); fix the catalog row")
+    path = (root / name).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise DataError(f"{what} {name!r} escapes the data root {root}; fix the catalog row")
+    return root / name
+
+
+def read_catalog(root: Path) -> pd.DataFrame:
+    """Read ``root/CATALOG.csv`` and check it has the columns a VIL pipeline needs."""
+    path = root / CATALOG_NAME
+    if not path.is_file():
+        raise DataError(f"{path}: catalog not found; run the fetch stage (dvc repro fetch) or fix data.root")
+    try:
+        catalog = pd.read_csv(path, low_memory=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a readable CSV ({err}); delete it and rerun fetch") from None
+    missing = [c for c in REQUIRED_COLUMNS if c not in catalog.columns]
+    if missing:
+        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; a SEVIR catalog has {', '.join(CATALOG_COLUMNS)}")
+    return catalog
+
+
+def vil_rows(catalog: pd.DataFrame) -> pd.DataFrame:
+    """VIL rows with no missing data, one per event id, with ``time_utc`` parsed; sorted by time."""
+    rows = catalog[catalog["img_type"].astype(str).str.lower() == "vil"]
+    rows = rows[pd.to_numeric(rows["pct_missing"], errors="coerce") == 0]
+    rows = rows.drop_duplicates(subset="id", keep="first").copy()
+    rows["time_utc"] = pd.to_datetime(rows["time_utc"], errors="coerce")
+    bad = rows["time_utc"].isna()
+    if bad.any():
+        raise DataError(f"{CATALOG_NAME}: unparseable time_utc for event {rows.loc[bad, 'id'].iloc[0]!r}")
+    rows["file_index"] = pd.to_numeric(rows["file_index"], errors="raise").astype(np.int64)
+    return rows.sort_values(["time_utc", "id"], kind="stable").reset_index(drop=True)
+
+
+class VilFile:
+    """A SEVIR VIL h5 file opened for streaming reads, checked for the expected layout."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        if not path.is_file():
+            raise DataError(f"{path}: VIL file referenced by the catalog is missing; rerun fetch")
+        try:
+            self._h5 = h5py.File(path, "r")
+        except OSError as err:
+            raise DataError(f"{path}: not a readable HDF5 file ({err}); it is corrupt or truncated, delete it and rerun fetch") from None
+        try:
+            if "vil" not in self._h5 or "id" not in self._h5:
+                raise DataError(f"{path}: expected datasets 'id' and 'vil' (N x H x W x T uint8); not a SEVIR VIL file")
+            vil = self._h5["vil"]
+            if vil.ndim != 4 or vil.dtype != np.uint8:
+                raise DataError(f"{path}: dataset 'vil' is {vil.dtype} with shape {vil.shape}; expected uint8 N x H x W x T")
+            self.vil = vil
+            self.ids = [i.decode() if isinstance(i, bytes) else str(i) for i in self._h5["id"][:]]
+        except BaseException:
+            self._h5.close()
+            raise
+
+    @property
+    def n_events(self) -> int:
+        return int(self.vil.shape[0])
+
+    @property
+    def frame_shape(self) -> tuple[int, int]:
+        return int(self.vil.shape[1]), int(self.vil.shape[2])
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.vil.shape[3])
+
+    def read(self, start: int, stop: int | None = None) -> np.ndarray:
+        """Events ``start:stop`` as uint8 (n, H, W, T); raises DataError on a corrupt or truncated file."""
+        stop = start + 1 if stop is None else stop
+        if not 0 <= start < stop <= self.n_events:
+            raise DataError(f"{self.path}: file_index {start}..{stop - 1} out of range (file holds {self.n_events} events); fix the catalog")
+        try:
+            return self.vil[start:stop]
+        except (OSError, RuntimeError, ValueError) as err:
+            raise DataError(f"{self.path}: read of events {start}..{stop - 1} failed ({err}); the file is corrupt or truncated, delete it and rerun fetch") from None
+
+    def close(self) -> None:
+        self._h5.close()
+
+    def __enter__(self) -> VilFile:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _tmp_sibling(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield an empty temporary directory; it replaces ``path`` only if the block succeeds.
+
+    A failed or interrupted stage therefore never leaves a half-written output folder.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_sibling(path)
+    tmp.mkdir()
+    try:
+        yield tmp
+        old = None
+        if path.exists():
+            old = _tmp_sibling(path)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
