@@ -2,6 +2,9 @@
 
 Lives with the networks (like nanoGPT's GPTConfig) so that adding a knob to a
 model touches one package. ``pipeline.config`` composes it into the full config.
+
+Every impossible combination raises ``ValueError`` with a message that starts
+with the offending key (``model.xxx``) so pipeline.config prints it as one line.
 """
 
 from __future__ import annotations
@@ -13,35 +16,55 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 PositiveInt = Annotated[int, Field(ge=1)]
 Fraction = Annotated[float, Field(ge=0, lt=1)]
 
+ModelName = Literal["convlstm", "swinlstm", "datswinlstm_memory"]
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
 
 
 class ConvLSTMConfig(_Section):
-    hidden: list[PositiveInt] = [32, 32]  # channels of each stacked cell
-    kernel_size: PositiveInt = 3
+    """ConvLSTM encoder-forecaster (name: convlstm)."""
+
+    hidden: Annotated[list[PositiveInt], Field(min_length=1)] = [32, 32]  # channels of each stacked cell
+    kernel_size: PositiveInt = 3  # odd, so 'same' padding keeps the grid
+
+
+class DATConfig(_Section):
+    """Deformable window attention (name: datswinlstm_memory)."""
+
+    groups: PositiveInt = 2  # offset groups; each shares one set of sampling points; divides every heads[i]
+    offset_range: Annotated[float, Field(gt=0)] = 2.0  # max |offset| in tokens (tanh-bounded)
+    offset_kernel: PositiveInt = 5  # depthwise conv kernel of the offset network, odd
 
 
 class MemoryConfig(_Section):
+    """Long-term motion memory (name: datswinlstm_memory)."""
+
     slots: PositiveInt = 100  # rows of the learnable memory bank
-    dim: PositiveInt = 128  # channels of each slot
+    dim: PositiveInt = 64  # channels of each slot (and of the motion query)
+    corr_radius: Annotated[int, Field(ge=1, le=4)] = 1  # correlation window (2r+1)^2 of the motion module
 
 
 class ModelConfig(_Section):
-    name: Literal["convlstm", "swinlstm", "datswinlstm_memory"] = "datswinlstm_memory"
+    name: ModelName = "datswinlstm_memory"
     in_channels: PositiveInt = 1
-    embed_dim: PositiveInt = 32
-    patch_size: PositiveInt = 4
-    window_size: PositiveInt = 4
-    depths_down: list[PositiveInt] = [2, 2]
-    depths_up: list[PositiveInt] = [2, 2]
-    heads: list[PositiveInt] = [4, 8]
+    embed_dim: PositiveInt = 32  # tokens' channels at the first stage; stage i has embed_dim * 2^i
+    patch_size: PositiveInt = 4  # pixels per token side (ConvLSTM: space-to-depth factor)
+    window_size: PositiveInt = 4  # attention window side, in tokens
+    depths_down: Annotated[list[PositiveInt], Field(min_length=1)] = [2, 2]  # blocks per down stage, shallow first
+    depths_up: Annotated[list[PositiveInt], Field(min_length=1)] = [2, 2]  # blocks per up stage, deepest first
+    heads: Annotated[list[PositiveInt], Field(min_length=1)] = [4, 8]  # attention heads per stage, shallow first
     mlp_ratio: Annotated[float, Field(gt=0)] = 4.0
-    dropout: Fraction = 0.0
-    drop_path: Fraction = 0.1
+    dropout: Fraction = 0.0  # attention, projection and MLP dropout
+    drop_path: Fraction = 0.1  # stochastic depth, rising linearly to this over all blocks
     convlstm: ConvLSTMConfig = ConvLSTMConfig()
+    dat: DATConfig = DATConfig()
     memory: MemoryConfig = MemoryConfig()
+
+    @property
+    def stages(self) -> int:
+        return len(self.depths_down)
 
     @model_validator(mode="after")
     def _consistent(self) -> ModelConfig:
@@ -49,19 +72,48 @@ class ModelConfig(_Section):
             raise ValueError("model.depths_up and model.depths_down must have the same length (one entry per stage)")
         if len(self.heads) != len(self.depths_down):
             raise ValueError("model.heads needs one entry per stage, as many as model.depths_down")
+        if self.name == "convlstm":
+            if self.convlstm.kernel_size % 2 == 0:
+                raise ValueError(f"model.convlstm.kernel_size = {self.convlstm.kernel_size} must be odd")
+            return self
+        for i, heads in enumerate(self.heads):
+            dim = self.embed_dim * 2**i
+            if dim % heads:
+                raise ValueError(
+                    f"model.embed_dim x 2^{i} = {dim} (stage {i} channels) is not divisible by "
+                    f"model.heads[{i}] = {heads}; change model.embed_dim or model.heads"
+                )
+        if self.name == "datswinlstm_memory":
+            for i, heads in enumerate(self.heads):
+                if heads % self.dat.groups:
+                    raise ValueError(
+                        f"model.heads[{i}] = {heads} is not divisible by model.dat.groups = {self.dat.groups}"
+                    )
+            if self.dat.offset_kernel % 2 == 0:
+                raise ValueError(f"model.dat.offset_kernel = {self.dat.offset_kernel} must be odd")
         return self
 
     def spatial_multiple(self) -> int:
-        """Frame height and width must be multiples of this."""
+        """Frame height and width must be multiples of this.
+
+        ConvLSTM: ``patch_size`` (space-to-depth). Swin models:
+        ``patch_size * window_size * 2^(stages - 1)``, because the token grid
+        (H / patch_size) is halved by each of the ``stages - 1`` patch mergings
+        and every stage's grid must tile into whole windows.
+        """
         if self.name == "convlstm":
             return self.patch_size
-        return self.patch_size * self.window_size * 2 ** (len(self.depths_down) - 1)
+        return self.patch_size * self.window_size * 2 ** (self.stages - 1)
 
     def check_frame_size(self, height: int, width: int, prefix: str = "model") -> None:
         """Raise ValueError naming the keys when (height, width) cannot go through this model."""
         m = self.spatial_multiple()
-        if height % m or width % m:
-            raise ValueError(
-                f"frame {height}x{width} is not divisible by {prefix}.patch_size x {prefix}.window_size x "
-                f"2^(stages-1) = {m}; change those keys or windows.downsample"
-            )
+        if height % m == 0 and width % m == 0:
+            return
+        if self.name == "convlstm":
+            rule = f"{prefix}.patch_size = {m}"
+        else:
+            rule = f"{prefix}.patch_size x {prefix}.window_size x 2^(stages-1, stages = len({prefix}.depths_down)) = {m}"
+        raise ValueError(
+            f"frame {height}x{width} is not divisible by {rule}; change those keys or windows.downsample"
+        )

@@ -197,3 +197,18 @@ def atomic_dir(path: Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+SOURCE_ROOT_NAME = "SOURCE_ROOT"  # in data/raw when data.source is local: the real SEVIR directory
+
+
+def data_root_of(raw_dir: Path) -> Path:
+    """Where the catalog's ``file_name`` paths resolve: ``raw_dir`` itself, or the directory
+    named in ``raw_dir/SOURCE_ROOT`` (``data.source: local`` uses a SEVIR tree in place)."""
+    pointer = raw_dir / SOURCE_ROOT_NAME
+    if not pointer.is_file():
+        return raw_dir
+    target = Path(pointer.read_text().strip())
+    if not target.is_dir():
+        raise DataError(f"{pointer}: points at {target}, which is not a directory; fix data.local.path and rerun fetch")
+    return target
