@@ -1,0 +1,661 @@
+"""Fetch SEVIR VIL files from the public S3 bucket (or an S3-compatible mirror).
+
+:func:`fetch_s3` is the ``data.source: s3`` fetch. What it promises:
+
+* **Unsigned.** Requests carry no signature; no credentials are looked up or needed.
+* **Selective.** Only the VIL files holding the selected events are downloaded
+  (``data.s3.years``, ``event_types``, ``max_events``, ``max_files``).
+* **Atomic.** A file appears under its final name only complete and verified
+  (``os.replace`` of its ``.part``); ``CATALOG.csv`` is written last, so its
+  presence means the whole fetch finished.
+* **Resumable.** A killed fetch resumes every partial file from its last byte
+  (HTTP ``Range``) and never downloads a finished file again.
+* **Verified.** Size always; content against the ETag (MD5, or multipart MD5
+  when the part size can be found).
+* **Retried.** Transient failures (5xx, 429, connection errors, timeouts, cut
+  streams) are retried with exponential backoff, resuming from the bytes kept.
+  Anything a user must fix (404, 403, a bad catalog) is one :class:`DataError` line.
+
+Layout under ``root``::
+
+    CATALOG.csv                        the bucket catalog restricted to the selected VIL rows
+    vil/2019/SEVIR_VIL_*.h5            one per selected file (catalog ``file_name``)
+    vil/2019/SEVIR_VIL_*.h5.part       a download in progress: bytes 0..N-1 of the object
+    vil/2019/SEVIR_VIL_*.h5.part.json  what that partial was begun against: key, size, ETag
+    .fetch/CATALOG.bucket.csv          the whole bucket catalog (cached, checked by ETag)
+    .fetch/manifest.json               finished downloads: name -> key, size, ETag, how verified
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import time
+from collections.abc import Sequence
+from contextlib import closing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import boto3
+import numpy as np
+import pandas as pd
+import urllib3.exceptions
+from botocore import UNSIGNED
+from botocore.config import Config as BotoConfig
+from botocore.exceptions import (
+    ClientError,
+    FlexibleChecksumError,
+    HTTPClientError,
+    IncompleteReadError,
+)
+from botocore.exceptions import ConnectionError as BotoConnectionError
+from tqdm import tqdm
+
+from pipeline.config import S3Source
+from pipeline.errors import DataError
+from pipeline.sevir import (
+    CATALOG_NAME,
+    REQUIRED_COLUMNS,
+    SOURCE_ROOT_NAME,
+    atomic_file,
+    read_catalog,
+    safe_join,
+    vil_rows,
+)
+
+log = logging.getLogger("pipeline.fetch")
+
+MiB = 1 << 20
+CHUNK_BYTES = MiB  # bytes per network read; a kill loses at most this much of a partial file
+COMMON_PART_SIZE = 8 * MiB  # multipart chunk of the AWS CLI and boto3 upload defaults
+MAX_BACKOFF_S = 60.0
+STATE_DIR = ".fetch"
+BUCKET_CATALOG = "CATALOG.bucket.csv"
+MANIFEST_NAME = "manifest.json"
+_ROW = "__catalog_row"  # temporary column: position of a row in the bucket catalog
+
+_CATALOG_HINT = "check data.s3.bucket, data.s3.catalog_key and data.s3.endpoint_url"
+_DATA_HINT = "check data.s3.bucket/data_prefix (and data.s3.endpoint_url for a mirror)"
+_TRANSIENT_CODES = {"RequestTimeout", "SlowDown", "InternalError", "ServiceUnavailable", "Throttling"}
+_SINGLE_ETAG = re.compile(r"[0-9a-f]{32}")
+_MULTIPART_ETAG = re.compile(r"[0-9a-f]{32}-(\d+)")
+
+
+# ------------------------------------------------------------------------ the fetch
+def fetch_s3(root: Path, cfg: S3Source, progress: bool = True, client: Any = None) -> pd.DataFrame:
+    """Download the selected SEVIR VIL files and their catalog rows into ``root``; return that catalog.
+
+    ``root/CATALOG.csv`` gets the bucket catalog's selected VIL rows (all columns, values as
+    in the bucket) and ``root/<file_name>`` each file they reference. ``client`` defaults to
+    :func:`make_client`. Raises :class:`DataError` with one actionable line on any problem
+    a user can fix, or when transient errors outlast ``cfg.retries``.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    client = client if client is not None else make_client(cfg)
+    fetcher = _Fetcher(client, root, cfg, progress)
+
+    catalog_obj = fetcher.head(cfg.catalog_key, _CATALOG_HINT)
+    catalog_path = root / STATE_DIR / BUCKET_CATALOG
+    fetcher.download(catalog_obj, catalog_path)
+    catalog = read_bucket_catalog(catalog_path, catalog_obj.uri)
+
+    rows, files = select_vil_rows(catalog, cfg, source=catalog_obj.uri)
+    targets = {name: safe_join(root, name) for name in files}  # refuse unsafe names before any download
+    log.info(
+        "selected %d VIL events in %d file(s) (years %s, event types %s)",
+        len(rows), len(files), _join(cfg.years), _join(cfg.event_types) or "all",
+    )  # fmt: skip
+
+    objects = {name: fetcher.head(data_key(cfg, name), _DATA_HINT) for name in files}
+    _check_free_space(root, [(objects[n], targets[n]) for n in files])
+    fetched = 0
+    for i, name in enumerate(files, 1):
+        log.info("[%d/%d] %s (%s)", i, len(files), name, _size(objects[name].size))
+        fetched += fetcher.download(objects[name], targets[name])
+
+    pointer = root / SOURCE_ROOT_NAME  # left by an earlier data.source: local; the files are here now
+    if pointer.exists():
+        log.info("removing %s (left by data.source: local)", pointer)
+        pointer.unlink()
+    with atomic_file(root / CATALOG_NAME) as tmp:
+        rows.to_csv(tmp, index=False)
+    log.info(
+        "fetch done: %d file(s), %s downloaded, %d already present; wrote %s with %d events",
+        len(files), _size(fetcher.bytes_downloaded), len(files) - fetched, root / CATALOG_NAME, len(rows),
+    )  # fmt: skip
+    return read_catalog(root)
+
+
+def make_client(cfg: S3Source) -> Any:
+    """A boto3 S3 client sending unsigned requests to ``cfg.endpoint_url`` (AWS when None).
+
+    botocore's own retries are off: :func:`fetch_s3` retries itself, because a retry
+    must resume the partial file and follow ``data.s3.retries``/``backoff_s``.
+    """
+    options: dict[str, Any] = {
+        "signature_version": UNSIGNED,
+        "region_name": cfg.region,
+        "retries": {"mode": "standard", "total_max_attempts": 1},
+        "connect_timeout": 10,
+        "read_timeout": 60,
+    }
+    if cfg.endpoint_url:
+        options["s3"] = {"addressing_style": "path"}  # what S3-compatible mirrors understand
+    return boto3.session.Session().client("s3", endpoint_url=cfg.endpoint_url, config=BotoConfig(**options))
+
+
+def data_key(cfg: S3Source, file_name: str) -> str:
+    """The bucket key of a catalog ``file_name``: ``<data_prefix>/<file_name>``."""
+    prefix = cfg.data_prefix.strip("/")
+    return f"{prefix}/{file_name}" if prefix else file_name
+
+
+# ------------------------------------------------------------------------ selection
+def read_bucket_catalog(path: Path, source: str) -> pd.DataFrame:
+    """The bucket catalog with every value kept as text, so rows are written back unchanged."""
+    try:
+        catalog = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise DataError(f"{source}: not a readable CSV ({err}); {_CATALOG_HINT}") from None
+    missing = [c for c in [*REQUIRED_COLUMNS, "event_type"] if c not in catalog.columns]
+    if missing:
+        raise DataError(f"{source}: missing column(s) {', '.join(missing)}; not a SEVIR catalog ({_CATALOG_HINT})")
+    return catalog
+
+
+def select_vil_rows(catalog: pd.DataFrame, cfg: S3Source, source: str = CATALOG_NAME) -> tuple[pd.DataFrame, list[str]]:
+    """Pick the catalog rows and files to fetch; return ``(rows, file_names)``.
+
+    Rows: :func:`pipeline.sevir.vil_rows` (VIL, no missing data, one per id) whose year is in
+    ``cfg.years`` (the ``vil/<year>/`` folder of ``file_name``, else the year of ``time_utc``)
+    and whose ``event_type`` is in ``cfg.event_types`` (case-insensitive; empty keeps all);
+    then the first ``cfg.max_events`` in time order (0 = all). Files: those the rows need,
+    in order of their first event, the first ``cfg.max_files`` (0 = all); rows in other
+    files are dropped. ``rows`` are the untouched catalog rows, in catalog order.
+    """
+    events = vil_rows(catalog.assign(**{_ROW: np.arange(len(catalog))}))
+    available_years = sorted(set(_event_years(events)))
+    available_types = sorted(set(events["event_type"].astype(str).str.strip()) - {""})
+    events = events[_event_years(events).isin(cfg.years)]
+    if cfg.event_types:
+        types = events["event_type"].astype(str).str.strip().str.lower()
+        for wanted in cfg.event_types:
+            if not (types == wanted.strip().lower()).any():
+                log.warning(
+                    "data.s3.event_types: %r matches no VIL event in the selected years; known types: %s",
+                    wanted,
+                    _join(available_types),
+                )
+        events = events[types.isin([t.strip().lower() for t in cfg.event_types])]
+    if cfg.max_events:
+        events = events.head(cfg.max_events)
+    files = list(dict.fromkeys(events["file_name"].astype(str)))
+    if cfg.max_files and len(files) > cfg.max_files:
+        log.info(
+            "data.s3.max_files = %d: keeping %d of %d files and the events in them",
+            cfg.max_files,
+            cfg.max_files,
+            len(files),
+        )
+        files = files[: cfg.max_files]
+        events = events[events["file_name"].isin(files)]
+    if events.empty:
+        raise DataError(
+            f"{source}: no VIL events match data.s3.years [{_join(cfg.years)}] and event_types "
+            f"[{_join(cfg.event_types) or 'all'}]; the catalog has VIL years [{_join(available_years)}] "
+            f"and event types [{_join(available_types)}]"
+        )
+    rows = catalog.iloc[np.sort(events[_ROW].to_numpy())]
+    return rows.reset_index(drop=True), files
+
+
+def _event_years(events: pd.DataFrame) -> pd.Series:
+    """Year of each event: the ``<type>/<year>/`` folder of its file, else its ``time_utc``."""
+    folder = events["file_name"].astype(str).str.extract(r"^[^/]+/(\d{4})/", expand=False)
+    return pd.to_numeric(folder, errors="coerce").fillna(events["time_utc"].dt.year).astype(int)
+
+
+# ------------------------------------------------------------------------ downloads
+@dataclass(frozen=True)
+class RemoteObject:
+    """One S3 object as ``head_object`` described it."""
+
+    bucket: str
+    key: str
+    size: int
+    etag: str  # without the surrounding quotes; may be "" on odd mirrors
+
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.key}"
+
+    def identity(self) -> dict[str, Any]:
+        """What a partial or finished copy must match to belong to this object version."""
+        return {"key": self.key, "size": self.size, "etag": self.etag}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """``retries`` retries after the first attempt, waiting ``backoff_s * 2**(n-1)`` (capped) before retry n."""
+
+    retries: int
+    backoff_s: float
+
+    def wait_or_give_up(self, uri: str, err: BaseException, failures: int, kept: str = "") -> None:
+        """Sleep before retry number ``failures``, or raise DataError when the retries are used up."""
+        if failures > self.retries:
+            raise DataError(
+                f"{uri}: giving up after {failures} failed attempt(s) ({_describe(err)}); "
+                f"check the network and data.s3.endpoint_url, then rerun fetch{kept}"
+            ) from None
+        delay = min(self.backoff_s * 2 ** (failures - 1), MAX_BACKOFF_S)
+        log.warning("%s: %s; retry %d/%d in %.1f s", uri, _describe(err), failures, self.retries, delay)
+        time.sleep(delay)
+
+
+class ChecksumMismatch(Exception):
+    """Downloaded bytes do not match the object's size or ETag."""
+
+
+class _ShortResponse(Exception):
+    """A response ended cleanly but before the end of the object (retried like a cut stream)."""
+
+
+class _Fetcher:
+    """Downloads objects of one bucket into one root, sharing client, retry policy and manifest."""
+
+    def __init__(self, client: Any, root: Path, cfg: S3Source, progress: bool):
+        self.client = client
+        self.root = root
+        self.bucket = cfg.bucket
+        self.policy = RetryPolicy(cfg.retries, cfg.backoff_s)
+        self.part_sizes = tuple(dict.fromkeys([cfg.part_size_mb * MiB, COMMON_PART_SIZE]))
+        self.manifest = Manifest(root / STATE_DIR / MANIFEST_NAME)
+        self.progress = progress
+        self.bytes_downloaded = 0
+
+    def head(self, key: str, hint: str) -> RemoteObject:
+        """Size and ETag of ``key``; 404/403 become a DataError with ``hint``."""
+        uri = f"s3://{self.bucket}/{key}"
+        failures = 0
+        while True:
+            try:
+                meta = self.client.head_object(Bucket=self.bucket, Key=key)
+                return RemoteObject(self.bucket, key, int(meta["ContentLength"]), str(meta.get("ETag", "")).strip('"'))
+            except Exception as err:  # noqa: BLE001 - classified just below
+                _raise_unless_transient(err, uri, hint)
+                failures += 1
+                self.policy.wait_or_give_up(uri, err, failures)
+
+    def download(self, obj: RemoteObject, target: Path) -> bool:
+        """Make ``target`` a verified copy of ``obj``; True if it was downloaded, False if already there.
+
+        The bytes go to ``target.part`` (resumed if it was begun against the same object
+        version) and are renamed onto ``target`` only once complete and verified. A
+        verification failure discards the partial and downloads once more from scratch;
+        a second failure raises DataError and leaves neither the partial nor ``target``.
+        """
+        name = target.relative_to(self.root).as_posix()
+        if self._finished(obj, target, name):
+            return False
+        part = part_path(target)
+        for attempt in (1, 2):
+            try:
+                how = self._download_part(obj, part, name)
+                break
+            except (ChecksumMismatch, FlexibleChecksumError) as err:
+                _discard(part)
+                if attempt == 2:
+                    raise DataError(
+                        f"{obj.uri}: downloaded data failed verification twice ({err}); the partial file was "
+                        "deleted. A proxy or mirror may be altering data (check data.s3.endpoint_url); rerun fetch"
+                    ) from None
+                log.warning(
+                    "%s: downloaded data failed verification (%s); downloading again from scratch", obj.uri, err
+                )
+        os.replace(part, target)
+        sidecar_path(part).unlink(missing_ok=True)
+        self.manifest.record(name, obj, how)
+        log.info("%s: done (%s, verified by %s)", name, _size(obj.size), how)
+        return True
+
+    def _finished(self, obj: RemoteObject, target: Path, name: str) -> bool:
+        """Whether ``target`` already is a complete copy of ``obj`` (manifest entry, else size)."""
+        if not target.is_file():
+            return False
+        size = target.stat().st_size
+        if size != obj.size:
+            log.warning("%s: local copy has %d bytes, %s has %d; downloading again", name, size, obj.uri, obj.size)
+            return False
+        entry = self.manifest.get(name)
+        if entry is not None and all(entry.get(k) == v for k, v in obj.identity().items()):
+            log.info("%s: already downloaded (%s, ETag matches); skipping", name, _size(size))
+            return True
+        if entry is not None and entry.get("etag") != obj.etag:
+            log.warning(
+                "%s: %s changed since it was downloaded (ETag %s -> %s); downloading again",
+                name,
+                obj.uri,
+                entry.get("etag"),
+                obj.etag,
+            )
+            return False
+        log.info("%s: present with the right size (%s, no download record); skipping", name, _size(size))
+        self.manifest.record(name, obj, "size (found in place)")
+        return True
+
+    def _download_part(self, obj: RemoteObject, part: Path, name: str) -> str:
+        """Complete ``part`` from its current length and verify it; return how it was verified."""
+        have = prepare_part(part, obj)
+        bar = tqdm(
+            total=obj.size, initial=have, desc=name.rsplit("/", 1)[-1], disable=not self.progress,
+            unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True, leave=False,
+        )  # fmt: skip
+        with bar:
+            self._transfer(obj, part, bar)
+        return verify_file(part, obj.size, obj.etag, self.part_sizes, what=obj.uri)
+
+    def _transfer(self, obj: RemoteObject, part: Path, bar: tqdm) -> None:
+        """Append to ``part`` until it holds the whole object, retrying transient errors.
+
+        Every retry resumes from the bytes already on disk. The failure count restarts
+        after an attempt that made progress, so a long download over a flaky link is not
+        abandoned while it advances.
+        """
+        failures = 0
+        while (have := part.stat().st_size) < obj.size:
+            try:
+                self._append_range(obj, part, have, bar)
+            except Exception as err:  # noqa: BLE001 - classified just below
+                _raise_unless_transient(err, obj.uri, _DATA_HINT)
+                now = part.stat().st_size
+                failures = 1 if now > have else failures + 1
+                kept = f" (the {_size(now)} already downloaded are kept and resumed)" if now else ""
+                self.policy.wait_or_give_up(obj.uri, err, failures, kept)
+
+    def _append_range(self, obj: RemoteObject, part: Path, offset: int, bar: tqdm) -> None:
+        """One GET of bytes ``offset..`` of this exact object version, appended to ``part``."""
+        request: dict[str, Any] = {"Bucket": obj.bucket, "Key": obj.key}
+        if obj.etag:
+            request["IfMatch"] = f'"{obj.etag}"'
+        if offset:
+            request["Range"] = f"bytes={offset}-"
+        try:
+            response = self.client.get_object(**request)
+        except ClientError as err:
+            if _status(err) == 412:
+                raise _changed(obj) from None
+            raise
+        if obj.etag and str(response.get("ETag", "")).strip('"') not in ("", obj.etag):
+            raise _changed(obj)
+        mode = "ab"
+        if offset and not response.get("ContentRange"):  # a server that ignores Range sends the whole object
+            log.warning("%s: server ignored the Range request; restarting the file from byte 0", obj.uri)
+            mode, offset = "wb", 0
+            bar.reset(total=obj.size)
+        elif _range_start(response.get("ContentRange")) != offset:
+            raise DataError(f"{obj.uri}: asked for bytes from {offset}, got {response['ContentRange']}; {_DATA_HINT}")
+        written = 0
+        with part.open(mode, buffering=0) as out, closing(response["Body"]) as body:
+            for chunk in body.iter_chunks(CHUNK_BYTES):
+                _write(out, chunk, part)
+                written += len(chunk)
+                self.bytes_downloaded += len(chunk)
+                bar.update(len(chunk))
+        if offset + written < obj.size:
+            raise _ShortResponse(f"response ended at byte {offset + written} of {obj.size}")
+
+
+# ------------------------------------------------------------------ partial files
+def part_path(target: Path) -> Path:
+    """Where the bytes of ``target`` accumulate until it is complete: ``<target>.part``."""
+    return target.with_name(target.name + ".part")
+
+
+def sidecar_path(part: Path) -> Path:
+    """The record of what ``part`` was begun against: ``<target>.part.json``."""
+    return part.with_name(part.name + ".json")
+
+
+def prepare_part(part: Path, obj: RemoteObject) -> int:
+    """Keep ``part`` if it was begun against this object version, else start it empty; return its length.
+
+    A partial is kept only when its sidecar records the same key, size and ETag and it is
+    not longer than the object; otherwise the object changed (or the record is missing)
+    and the file starts over.
+    """
+    sidecar = sidecar_path(part)
+    have = part.stat().st_size if part.is_file() else 0
+    if part.is_file() and _read_json(sidecar) == obj.identity() and have <= obj.size:
+        if have:
+            log.info("%s: resuming at %s of %s", obj.uri, _size(have), _size(obj.size))
+        return have
+    if part.exists() or sidecar.exists():
+        log.info(
+            "%s: partial download belongs to another version of the object (or has no record); starting over", obj.uri
+        )
+    _discard(part)
+    part.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_file(sidecar) as tmp:
+        tmp.write_text(json.dumps(obj.identity()))
+    part.touch()
+    return 0
+
+
+def _discard(part: Path) -> None:
+    """Delete a partial download and its sidecar (the part first, so a kill never leaves stale bytes with a fresh record)."""
+    part.unlink(missing_ok=True)
+    sidecar_path(part).unlink(missing_ok=True)
+
+
+def _write(out: Any, chunk: bytes, part: Path) -> None:
+    """Write all of ``chunk`` straight to the OS (``out`` is unbuffered), so a kill loses nothing written."""
+    view = memoryview(chunk)
+    try:
+        while view:
+            view = view[out.write(view) :]
+    except OSError as err:
+        raise DataError(
+            f"{part}: cannot write ({err.strerror or err}); free disk space or change data.root, then rerun fetch"
+        ) from None
+
+
+def _check_free_space(root: Path, items: Sequence[tuple[RemoteObject, Path]]) -> None:
+    """Refuse to start when the bytes still to download clearly do not fit on the disk."""
+    needed = 0
+    for obj, target in items:
+        if target.is_file() and target.stat().st_size == obj.size:
+            continue
+        part = part_path(target)
+        needed += obj.size - (part.stat().st_size if part.is_file() else 0)
+    free = shutil.disk_usage(root).free
+    if needed > free:
+        raise DataError(
+            f"{root}: {_size(needed)} still to download but only {_size(free)} free; free space or change data.root / data.s3.max_files"
+        )
+
+
+# -------------------------------------------------------------------- verification
+def verify_file(path: Path, size: int, etag: str, part_sizes: Sequence[int], what: str = "") -> str:
+    """Check ``path`` against an object's size and ETag; return how it was verified.
+
+    Single-part ETags (32 hex digits) are the MD5 of the content. Multipart ETags
+    (``<hex>-N``) are the MD5 of the N part MD5s, which depends on the upload's part
+    size: every size in ``part_sizes`` that gives N parts is tried; when none matches the
+    file is accepted on its size alone (logged at debug level). Raises
+    :class:`ChecksumMismatch` when the size or an MD5 ETag does not match.
+    """
+    actual = path.stat().st_size
+    if actual != size:
+        raise ChecksumMismatch(f"{actual} bytes, expected {size}")
+    if _SINGLE_ETAG.fullmatch(etag):
+        digest = file_md5(path)
+        if digest != etag:
+            raise ChecksumMismatch(f"MD5 {digest} does not match the ETag {etag}")
+        return "MD5"
+    multipart = _MULTIPART_ETAG.fullmatch(etag)
+    if multipart:
+        count = int(multipart[1])
+        candidates = [p for p in part_sizes if max(1, math.ceil(size / p)) == count]
+        for part_size, digest in multipart_etags(path, candidates).items():
+            if digest == etag:
+                return f"multipart MD5 ({_size(part_size)} parts)"
+        log.debug("%s: multipart ETag %s matches none of the part sizes tried (%s); verified by size only",
+                  what, etag, ", ".join(_size(p) for p in part_sizes))  # fmt: skip
+        return "size"
+    log.debug("%s: ETag %r is not an MD5; verified by size only", what, etag)
+    return "size"
+
+
+def file_md5(path: Path) -> str:
+    """Hex MD5 of a file, read in chunks."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, lambda: hashlib.md5(usedforsecurity=False)).hexdigest()
+
+
+def multipart_etags(path: Path, part_sizes: Sequence[int]) -> dict[int, str]:
+    """The S3 multipart ETag the file would have if uploaded with each part size, in one read."""
+    hashers = {p: _MultipartMD5(p) for p in part_sizes}
+    if not hashers:
+        return {}
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(MiB), b""):
+            for hasher in hashers.values():
+                hasher.update(block)
+    return {p: h.etag() for p, h in hashers.items()}
+
+
+class _MultipartMD5:
+    """Incremental S3 multipart ETag: MD5 of the concatenated part MD5s, then ``-<parts>``."""
+
+    def __init__(self, part_size: int):
+        self.part_size = part_size
+        self.digests: list[bytes] = []
+        self.current = hashlib.md5(usedforsecurity=False)
+        self.filled = 0
+
+    def update(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            take = min(len(view), self.part_size - self.filled)
+            self.current.update(view[:take])
+            self.filled += take
+            view = view[take:]
+            if self.filled == self.part_size:
+                self._close_part()
+
+    def _close_part(self) -> None:
+        self.digests.append(self.current.digest())
+        self.current = hashlib.md5(usedforsecurity=False)
+        self.filled = 0
+
+    def etag(self) -> str:
+        if self.filled or not self.digests:
+            self._close_part()
+        return f"{hashlib.md5(b''.join(self.digests), usedforsecurity=False).hexdigest()}-{len(self.digests)}"
+
+
+# ------------------------------------------------------------------------ manifest
+class Manifest:
+    """Finished downloads under a root: name -> key, size, ETag and how verified; saved atomically."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        loaded = _read_json(path)
+        self.entries: dict[str, dict[str, Any]] = loaded if isinstance(loaded, dict) else {}
+        if path.exists() and not isinstance(loaded, dict):
+            log.warning("%s: unreadable download record; finished files are re-checked by size", path)
+
+    def get(self, name: str) -> dict[str, Any] | None:
+        return self.entries.get(name)
+
+    def record(self, name: str, obj: RemoteObject, verified: str) -> None:
+        """Record ``name`` as a finished copy of ``obj`` and save the manifest."""
+        self.entries[name] = obj.identity() | {"verified": verified}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self.path) as tmp:
+            tmp.write_text(json.dumps(self.entries, indent=1, sort_keys=True))
+
+
+# ------------------------------------------------------------------------- helpers
+def _raise_unless_transient(err: BaseException, uri: str, hint: str) -> None:
+    """Return if ``err`` is worth retrying; otherwise raise it (a ClientError as one DataError line)."""
+    if _is_transient(err):
+        return
+    if isinstance(err, ClientError):
+        raise _client_error(err, uri, hint) from None
+    raise err
+
+
+def _is_transient(err: BaseException) -> bool:
+    """5xx, 429, throttling, connection errors, timeouts and cut or short streams."""
+    if isinstance(err, ClientError):
+        status = _status(err)
+        return status >= 500 or status == 429 or err.response.get("Error", {}).get("Code") in _TRANSIENT_CODES
+    return isinstance(
+        err, (HTTPClientError, BotoConnectionError, IncompleteReadError, _ShortResponse, urllib3.exceptions.HTTPError)
+    )
+
+
+def _client_error(err: ClientError, uri: str, hint: str) -> DataError:
+    """One line for a 4xx answer: what happened to which object, and what to check."""
+    status = _status(err)
+    code = err.response.get("Error", {}).get("Code", "")
+    if status == 404 or code in ("NoSuchKey", "NoSuchBucket", "NotFound"):
+        what = "bucket not found" if code == "NoSuchBucket" else "not found"
+        return DataError(f"{uri}: {what} (404); {hint}")
+    if status == 403:
+        return DataError(
+            f"{uri}: access denied (403); requests are unsigned, so the object must be publicly readable; {hint}"
+        )
+    message = err.response.get("Error", {}).get("Message", "")
+    return DataError(f"{uri}: request refused ({status} {code}{': ' + message if message else ''}); {hint}")
+
+
+def _changed(obj: RemoteObject) -> DataError:
+    return DataError(
+        f"{obj.uri}: the object changed on the server during the download; rerun fetch to get the new version"
+    )
+
+
+def _status(err: ClientError) -> int:
+    return int(err.response.get("ResponseMetadata", {}).get("HTTPStatusCode") or 0)
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, ClientError):
+        error = err.response.get("Error", {})
+        return f"HTTP {_status(err)} {error.get('Code', '')}".strip()
+    return f"{type(err).__name__}: {err}"
+
+
+def _range_start(content_range: str | None) -> int:
+    """First byte of a ``Content-Range: bytes a-b/n`` answer; 0 for a whole-object answer."""
+    match = re.match(r"bytes (\d+)-", content_range or "")
+    return int(match[1]) if match else 0
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _size(n: int) -> str:
+    """Human-readable byte count in binary units, e.g. ``8.0 MiB``."""
+    if n < 1024:
+        return f"{n} B"
+    exponent = min(int(math.log(n, 1024)), 4)
+    return f"{n / 1024**exponent:.1f} {'KMGT'[exponent - 1]}iB"
+
+
+def _join(values: Sequence[Any]) -> str:
+    return ", ".join(str(v) for v in values)
