@@ -180,6 +180,7 @@ class SearchConfig(Section):
 
 # ----------------------------------------------------------------------- tracking
 class TrackingConfig(Section):
+    enabled: bool = True  # false: stages log nothing to MLflow
     uri: str | None = None  # None = sqlite:///<repo>/mlflow.db (or $MLFLOW_TRACKING_URI)
     experiment: str = "sevir-nowcasting"
     log_system_metrics: bool = False

@@ -16,6 +16,7 @@ from pipeline import sevir
 from pipeline.cli import run_stage, setup_logging, stage_parser
 from pipeline.config import Config, LocalSource
 from pipeline.errors import DataError
+from pipeline.tracking import stage_run
 
 log = logging.getLogger("pipeline.fetch")
 
@@ -59,7 +60,11 @@ def fetch(cfg: Config) -> pd.DataFrame:
 def main(argv: list[str] | None = None) -> None:
     args = stage_parser(__doc__.splitlines()[0]).parse_args(argv)
     setup_logging(args.verbose)
-    fetch(config_mod.load(args.params))
+    cfg = config_mod.load(args.params)
+    with stage_run(cfg, "fetch", ("data",)) as mlflow:
+        catalog = fetch(cfg)
+        vil = sevir.vil_rows(catalog)
+        mlflow.log_metrics({"catalog_rows": len(catalog), "vil_events": len(vil), "vil_files": vil["file_name"].nunique()})
 
 
 if __name__ == "__main__":

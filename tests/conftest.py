@@ -10,6 +10,14 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(autouse=True)
+def _mlflow_store_in_tmp(tmp_path_factory, monkeypatch):
+    """No test writes an MLflow store into the repository."""
+    store = tmp_path_factory.getbasetemp() / "mlflow"
+    store.mkdir(exist_ok=True)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{store / 'mlflow.db'}")
+
+
 @pytest.fixture
 def repo_root() -> Path:
     return REPO
