@@ -1,0 +1,269 @@
+"""Stage chunk: throughput against a plain h5py read of the same file, and peak memory.
+
+    python benchmarks/bench_chunk.py [--events 60] [--small-events 20] [--size 384] [--repeat 3]
+
+Builds a SEVIR-format VIL file (uncompressed, contiguous, N x H x W x T uint8) and a catalog
+spreading its events over the three splits, then measures in one run:
+
+  (a) a plain h5py read of the file, event by event (the floor any chunker pays);
+  (b) the chunk pipeline (pipeline.windows.write_windows) over the same file: MB/s of raw VIL
+      read and of window files written, and the ratio (b)/(a);
+  a per-step split of (b) (read, to time-major, stats, window writes) in ms per event;
+  peak RSS of a child process running (b) on a small and on a large file.
+
+Also (c), an I/O floor: (a) plus writing as many window-sized chunks as the chunker writes,
+untransformed (the windows overlap, so a chunker writes ~1.5x what it reads at the defaults).
+
+(a), (b) and (c) are timed with the file in the page cache ("warm": it is read once first,
+since dropping the whole cache needs root) and with the file's pages evicted by
+posix_fadvise(DONTNEED) ("cold": read from the disk, or whatever caches sit below this VM).
+Writes go to the page cache either way. Figures are medians over --repeat runs; no asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline import sevir, windows  # noqa: E402
+from pipeline.config import SplitConfig, WindowsConfig  # noqa: E402
+
+FILE_NAME = "vil/2019/SEVIR_VIL_STORMEVENTS_2019_0101_1231.h5"
+SPLIT = SplitConfig()
+BREAKDOWN_EVENTS = 10  # train <= 2019-01-01 < val <= 2019-06-01 < test
+
+
+def make_sevir(root: Path, n_events: int, size: int, frames: int, seed: int = 0) -> Path:
+    """A SEVIR root: one uncompressed VIL file of ``n_events`` events and its catalog."""
+    path = root / FILE_NAME
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("id", data=np.array([f"S{i:06d}".encode() for i in range(n_events)]))
+        vil = f.create_dataset("vil", (n_events, size, size, frames), np.uint8)  # contiguous, no filters
+        for i in range(n_events):
+            event = rng.integers(0, 256, (size, size, frames), dtype=np.uint8)
+            event[event < 140] = 0  # mostly dry, like real VIL
+            vil[i] = event
+    # 60% train, 20% val, 20% test, in file order
+    first = {"train": dt.datetime(2018, 3, 1), "val": dt.datetime(2019, 2, 1), "test": dt.datetime(2019, 7, 1)}
+    rows = []
+    for i in range(n_events):
+        split = "train" if i < 0.6 * n_events else "val" if i < 0.8 * n_events else "test"
+        row = dict.fromkeys(sevir.CATALOG_COLUMNS, 0)
+        row.update(id=f"S{i:06d}", file_name=FILE_NAME, file_index=i, img_type="vil", proj=sevir.PROJ,
+                   time_utc=str(first[split] + dt.timedelta(hours=i)), minute_offsets="-120:120")  # fmt: skip
+        rows.append(row)
+    pd.DataFrame(rows, columns=sevir.CATALOG_COLUMNS).to_csv(root / sevir.CATALOG_NAME, index=False)
+    return path
+
+
+def evict(path: Path) -> None:
+    """Drop ``path``'s pages from the page cache (no root needed for one file)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def prepare(path: Path, cache: str) -> None:
+    """Put ``path`` in the page cache ("warm") or out of it ("cold"); flush dirty pages."""
+    if cache == "cold":
+        evict(path)
+    else:
+        plain_read(path)
+    os.sync()  # each timed run starts with no dirty pages left by the previous one
+
+
+def plain_read(path: Path) -> tuple[int, float]:
+    """(bytes, seconds) of reading every event, one at a time."""
+    began = time.perf_counter()
+    total = 0
+    with h5py.File(path, "r") as f:
+        vil = f["vil"]
+        for i in range(vil.shape[0]):
+            total += vil[i].nbytes
+    return total, time.perf_counter() - began
+
+
+def io_floor(path: Path, out: Path, window_len: int, n_windows: int, factor: int) -> tuple[int, float]:
+    """(bytes read, seconds) of reading every event and writing as many window-sized chunks as
+    the chunker writes, straight from the read buffer: the I/O any chunker pays, no compute."""
+    began = time.perf_counter()
+    total = 0
+    with h5py.File(path, "r") as src, h5py.File(out, "w") as dst:
+        vil = src["vil"]
+        n, h, w = vil.shape[0], vil.shape[1] // factor, vil.shape[2] // factor
+        chunks = dst.create_dataset("vil", (n * n_windows, window_len, h, w), np.uint8, chunks=(1, window_len, h, w))
+        for i in range(n):
+            event = vil[i]
+            total += event.nbytes
+            same_bytes = event.reshape(-1)[: window_len * h * w].reshape(window_len, h, w)
+            for k in range(n_windows):
+                chunks[i * n_windows + k] = same_bytes
+    out.unlink()
+    return total, time.perf_counter() - began
+
+
+def chunk_run(raw: Path, out: Path, chunk_events: int, downsample: int) -> tuple[dict, float, float]:
+    """(stats, wall seconds, CPU seconds of all threads) of one run of the chunk pipeline."""
+    cfg = WindowsConfig(root=out / "windows", chunk_events=chunk_events, downsample=downsample)
+    began, cpu = time.perf_counter(), time.process_time()
+    stats = windows.write_windows(raw, cfg, SPLIT, stats_path=out / "chunk_stats.json", progress=False)
+    seconds, cpu = time.perf_counter() - began, time.process_time() - cpu
+    shutil.rmtree(out / "windows")
+    return stats, seconds, cpu
+
+
+def step_breakdown(path: Path, out: Path, factor: int, n: int = BREAKDOWN_EVENTS) -> dict[str, float]:
+    """ms per event of each step of the chunk loop, run one after another on the first ``n`` events."""
+    cfg = WindowsConfig(downsample=factor)
+    times: dict[str, list[float]] = {
+        "read": [],
+        "downsample": [],
+        "to time-major": [],
+        "stats": [],
+        "write windows": [],
+    }
+    with sevir.VilFile(path) as vil:
+        n = min(n, vil.n_events)
+        starts = windows.window_starts(vil.n_frames, cfg.window_len, cfg.stride)
+        shape = (vil.frame_shape[0] // factor, vil.frame_shape[1] // factor)
+        writer = windows.SplitWriter(out / "steps.h5", "train", cfg, SPLIT, shape, 8, capacity=n * len(starts))
+        buffer = np.empty((vil.n_frames, *shape), np.uint8)
+        stats = windows.SplitStats()
+        for i in range(n):
+            clock = [time.perf_counter()]
+            event = vil.read(i)[0]
+            clock.append(time.perf_counter())
+            small = windows.downsample(event, factor)
+            clock.append(time.perf_counter())
+            frames = windows.to_time_major(small, out=buffer)
+            clock.append(time.perf_counter())
+            stats.add_pixels(frames)
+            clock.append(time.perf_counter())
+            writer.append("S0", 0, frames, starts)
+            clock.append(time.perf_counter())
+            for key, a, b in zip(times, clock[:-1], clock[1:], strict=True):
+                times[key].append((b - a) * 1e3)
+        writer.h5.close()
+    (out / "steps.h5").unlink()
+    return {key: statistics.median(v) for key, v in times.items()}
+
+
+def child_peak(raw: Path, out: Path, chunk_events: int) -> dict[str, float]:
+    """Peak RSS (MB) of a fresh process running the chunk pipeline, and its RSS before it."""
+    proc = subprocess.run([sys.executable, __file__, "--child", str(raw), str(out), str(chunk_events)],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def child_main(raw: Path, out: Path, chunk_events: int) -> None:
+    import psutil
+
+    before = psutil.Process().memory_info().rss / 2**20
+    chunk_run(raw, out, chunk_events, 1)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    print(json.dumps({"rss_before_mb": round(before, 1), "peak_rss_mb": round(peak, 1)}))
+
+
+def median_rate(runs: list[tuple[float, float]]) -> float:
+    return statistics.median(b / s for b, s in runs) / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=60, help="events in the large file (default 60, ~430 MB)")
+    parser.add_argument("--small-events", type=int, default=20, help="events in the small file, for peak memory")
+    parser.add_argument("--size", type=int, default=384)
+    parser.add_argument("--frames", type=int, default=49)
+    parser.add_argument("--chunk-events", type=int, default=1)
+    parser.add_argument("--downsample", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--workdir", type=Path, default=None, help="where to build the files (default: a temp dir)")
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        child_main(Path(args.child[0]), Path(args.child[1]), int(args.child[2]))
+        return
+
+    work = Path(tempfile.mkdtemp(prefix="bench_chunk_", dir=args.workdir))
+    try:
+        event_mb = args.size * args.size * args.frames / 1e6
+        print(f"building SEVIR-format files in {work}: {args.events} and {args.small_events} events "
+              f"of {args.size}x{args.size}x{args.frames} ({event_mb:.1f} MB each), uncompressed")  # fmt: skip
+        large = make_sevir(work / "large", args.events, args.size, args.frames)
+        make_sevir(work / "small", args.small_events, args.size, args.frames, seed=1)
+        size_mb = large.stat().st_size / 1e6
+
+        cfg = WindowsConfig()
+        n_windows = len(windows.window_starts(args.frames, cfg.window_len, cfg.stride))
+        load_before = os.getloadavg()[0]
+        rows = []
+        for cache in ("warm", "cold"):
+            reads, floors, chunks, written, cpu_ms = [], [], [], [], []
+            for _ in range(args.repeat):
+                prepare(large, cache)
+                reads.append(plain_read(large))
+                prepare(large, cache)
+                floors.append(io_floor(large, work / "floor.h5", cfg.window_len, n_windows, args.downsample))
+                prepare(large, cache)
+                stats, seconds, cpu = chunk_run(work / "large", work / "out", args.chunk_events, args.downsample)
+                chunks.append((stats["bytes_read"], seconds))
+                written.append((stats["bytes_written"], seconds))
+                cpu_ms.append(cpu / args.events * 1e3)
+            a, c, b, w = median_rate(reads), median_rate(floors), median_rate(chunks), median_rate(written)
+            rows.append((cache, a, c, b, w, b / a, b / c, statistics.median(cpu_ms)))
+        steps = step_breakdown(large, work, args.downsample)
+        peaks = {n: child_peak(root, work / f"peak{n}", args.chunk_events)
+                 for n, root in ((args.small_events, work / "small"), (args.events, work / "large"))}  # fmt: skip
+        load_after = os.getloadavg()[0]
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\nfile: {args.events} events, {size_mb:.0f} MB; windows {WindowsConfig().window_len} frames, stride "
+          f"{WindowsConfig().stride}, chunk_events {args.chunk_events}, downsample {args.downsample}; "
+          f"median of {args.repeat}; {os.cpu_count()} CPUs, load average {load_before:.1f} -> {load_after:.1f}")  # fmt: skip
+    print("\n(a) plain h5py read, event by event; (c) I/O floor: (a) plus writing the same bytes the chunker")
+    print("writes, untransformed; (b) the chunk pipeline. MB/s of raw VIL read unless marked 'written'.")
+    head = ("page cache", "(a) read", "(c) floor", "(b) chunk", "(b) written", "(b)/(a)", "(b)/(c)", "(b) CPU/event")
+    print(
+        f"\n{head[0]:<10} {head[1]:>10} {head[2]:>10} {head[3]:>10} {head[4]:>12} {head[5]:>8} {head[6]:>8} {head[7]:>14}"
+    )
+    for cache, a, c, b, w, ratio_a, ratio_c, cpu in rows:
+        print(
+            f"{cache:<10} {a:>10.0f} {c:>10.0f} {b:>10.0f} {w:>12.0f} {ratio_a:>8.2f} {ratio_c:>8.2f} {cpu:>11.1f} ms"
+        )
+    print(f"\nchunk loop steps run one after another, wall ms per event (warm, median of {BREAKDOWN_EVENTS} events;")
+    print("the stage runs to-time-major + stats in a second thread, overlapping the writes):")
+    for step, ms in steps.items():
+        print(f"  {step:<15} {ms:6.2f}")
+    print(f"  {'total':<15} {sum(steps.values()):6.2f}")
+    print(f"\n{'file':<22} {'RSS before':>11} {'peak RSS':>10} {'peak - before':>14}")
+    for n, peak in peaks.items():
+        name = f"{n} events ({n * event_mb:.0f} MB)"
+        print(f"{name:<22} {peak['rss_before_mb']:>8.0f} MB {peak['peak_rss_mb']:>7.0f} MB "
+              f"{peak['peak_rss_mb'] - peak['rss_before_mb']:>11.0f} MB")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

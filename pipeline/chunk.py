@@ -1,0 +1,44 @@
+"""Stage chunk: data/raw -> data/windows/{train,val,test}.h5 + reports/chunk_stats.json.
+
+    python -m pipeline.chunk [--params params.yaml] [--stats reports/chunk_stats.json]
+
+Splits the catalog's VIL events chronologically (data.split), cuts each event into
+input+target windows (windows.*) and writes one HDF5 file per split; see
+:mod:`pipeline.windows` for the file layout and the window rule.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline import config as config_mod
+from pipeline.cli import run_stage, setup_logging, stage_parser
+from pipeline.tracking import flatten, stage_run
+from pipeline.windows import write_windows
+
+STATS_PATH = Path("reports/chunk_stats.json")  # the stage's DVC metrics file (dvc.yaml)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--stats", type=Path, default=STATS_PATH, help=f"stats JSON (default: {STATS_PATH})")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    cfg = config_mod.load(args.params)
+    with stage_run(cfg, "chunk", ("windows",)) as mlflow:
+        mlflow.log_params(flatten("data.split", cfg.data.split))
+        stats = write_windows(cfg.data.root, cfg.windows, cfg.data.split, stats_path=args.stats)
+        mlflow.log_metrics({k: float(v) for k, v in flatten("", stats).items() if _is_number(v)})
+        mlflow.log_artifact(str(args.stats))
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage(main))

@@ -1,0 +1,159 @@
+"""torch Dataset over the windows files written by stage chunk (see :mod:`pipeline.windows`).
+
+Scale: the files hold VIL as uint8 0-255. Items are float32 on the 0-1 scale (value / 255)
+unless ``raw=True``, which returns the uint8 0-255 tensors unchanged.
+
+For training, ask for ``raw=True`` and convert on the device with :func:`to_unit`: a uint8
+batch is 4x less host-to-device traffic than float32, and the division is free on a GPU::
+
+    loader = make_loader("data/windows/train.h5", batch_size=8, shuffle=True, num_workers=4, raw=True)
+    for batch in loader:
+        inputs = to_unit(batch["inputs"].to(device, non_blocking=True))    # (B, T_in, 1, H, W) 0-1
+        targets = to_unit(batch["targets"].to(device, non_blocking=True))  # (B, T_out, 1, H, W) 0-1
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
+
+from pipeline.errors import DataError
+
+
+def to_unit(x: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 VIL 0-255 -> ``dtype`` on the 0-1 scale (value / 255), on ``x``'s device."""
+    return x.to(dtype).div_(255.0)
+
+
+class WindowDataset(Dataset):
+    """Windows of one split file. Item ``i`` is a dict of tensors shaped (T, C=1, H, W):
+
+    - ``inputs``  (in_len, 1, H, W)   the frames before the forecast origin
+    - ``targets`` (out_len, 1, H, W)  the frames after it
+    - ``memory``  (long_len, 1, H, W) only with ``with_memory``: the phase-1 long clip (the
+      file's ``memory`` dataset, or the window itself when the file stores none)
+
+    float32 on the 0-1 scale (uint8 / 255); uint8 0-255 with ``raw=True`` (see :func:`to_unit`).
+    A dict of equal-shaped tensors batches with the default collate into (B, T, 1, H, W).
+
+    ``in_len`` / ``out_len`` default to the file's. Shorter ones are cut around the stored
+    forecast origin (inputs end, targets start there), moved only as far as needed to fit the
+    window; more than the window holds is an error. ``memory`` is always the stored clip (it
+    ends where the stored window ends).
+
+    The HDF5 file is opened on first access, once per process (a DataLoader worker, forked or
+    spawned, opens its own), so the dataset pickles and is safe with ``num_workers > 0``.
+    """
+
+    def __init__(self, path: str | Path, in_len: int | None = None, out_len: int | None = None,
+                 with_memory: bool = False, raw: bool = False):  # fmt: skip
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise DataError(f"{self.path}: windows file not found; run the chunk stage (dvc repro chunk)")
+        try:
+            with h5py.File(self.path, "r") as h5:
+                vil = h5["vil"]
+                self._len, self.window_len = int(vil.shape[0]), int(vil.shape[1])
+                self.frame_shape = (int(vil.shape[2]), int(vil.shape[3]))
+                stored_in = int(h5.attrs["in_len"])
+                self.has_memory_dataset = "memory" in h5
+                self.long_len = int(h5["memory"].shape[1]) if self.has_memory_dataset else self.window_len
+        except (OSError, KeyError) as err:
+            raise DataError(f"{self.path}: not a windows file ({err}); rerun the chunk stage") from None
+        self.in_len = stored_in if in_len is None else in_len
+        self.out_len = self.window_len - stored_in if out_len is None else out_len
+        if self.in_len < 1 or self.out_len < 1 or self.in_len + self.out_len > self.window_len:
+            raise DataError(f"{self.path}: in_len {self.in_len} + out_len {self.out_len} does not fit the stored "
+                            f"{self.window_len}-frame windows; rerun chunk with larger windows.in_len/out_len")  # fmt: skip
+        # The forecast origin: the stored one, shifted the least needed to fit the requested lengths.
+        self.origin = min(max(stored_in, self.in_len), self.window_len - self.out_len)
+        self.with_memory, self.raw = with_memory, raw
+        self._h5: h5py.File | None = None
+        self._pid: int | None = None
+        self._vil: h5py.Dataset | None = None
+        self._memory: h5py.Dataset | None = None
+
+    def __len__(self) -> int:
+        return self._len
+
+    def _file(self) -> h5py.File:
+        # Reopen in a new process: an HDF5 handle inherited through fork must not be shared.
+        if self._h5 is None or self._pid != os.getpid():
+            self._h5 = h5py.File(self.path, "r")
+            self._pid = os.getpid()
+            self._vil = self._h5["vil"]
+            self._memory = self._h5["memory"] if self.has_memory_dataset else None
+        return self._h5
+
+    def _tensor(self, frames: np.ndarray) -> torch.Tensor:
+        x = torch.from_numpy(frames).unsqueeze(1)  # (T, H, W) -> (T, 1, H, W)
+        return x if self.raw else to_unit(x)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if not -self._len <= index < self._len:
+            raise IndexError(f"window {index} out of range for {self._len} windows in {self.path}")
+        index = int(index) % self._len
+        self._file()
+        clip = self._vil[index]  # (L, H, W) uint8: one chunk, one read
+        item = {
+            "inputs": self._tensor(clip[self.origin - self.in_len : self.origin]),
+            "targets": self._tensor(clip[self.origin : self.origin + self.out_len]),
+        }
+        if self.with_memory:
+            item["memory"] = self._tensor(self._memory[index] if self._memory is not None else clip)
+        return item
+
+    def info(self, index: int) -> dict[str, Any]:
+        """Where window ``index`` comes from: event id, frame offset, time_utc (epoch seconds)."""
+        h5 = self._file()
+        return {
+            "event_id": h5["event_id"][index].decode(),
+            "start": int(h5["start"][index]),
+            "time_utc": int(h5["time_utc"][index]),
+        }
+
+    def close(self) -> None:
+        if self._h5 is not None and self._pid == os.getpid():
+            self._h5.close()
+        self._h5 = self._pid = self._vil = self._memory = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        # An open h5py handle does not pickle; the copy reopens lazily in its own process.
+        state["_h5"] = state["_pid"] = state["_vil"] = state["_memory"] = None
+        return state
+
+
+def make_loader(path: str | Path, batch_size: int, shuffle: bool = False, num_workers: int = 0,
+                pin_memory: bool | None = None, distributed: bool = False, drop_last: bool = False,
+                seed: int = 0, in_len: int | None = None, out_len: int | None = None,
+                with_memory: bool = False, raw: bool = False, **loader_kwargs: Any) -> DataLoader:  # fmt: skip
+    """A DataLoader over one split file, batches of dicts of (B, T, 1, H, W) tensors.
+
+    ``pin_memory`` defaults to whether CUDA is available. With ``distributed`` each rank gets
+    its shard through a DistributedSampler (needs an initialised process group, or pass
+    ``num_replicas``/``rank`` in ``loader_kwargs``); call ``loader.sampler.set_epoch(epoch)``
+    every epoch so the shuffle changes. Workers stay alive across epochs (file handles too).
+    The trainer should pass ``raw=True`` and apply :func:`to_unit` on the device.
+    """
+    dataset = WindowDataset(path, in_len=in_len, out_len=out_len, with_memory=with_memory, raw=raw)
+    if pin_memory is None:
+        pin_memory = torch.cuda.is_available()
+    sampler = None
+    if distributed:
+        sampler_kwargs = {k: loader_kwargs.pop(k) for k in ("num_replicas", "rank") if k in loader_kwargs}
+        sampler = DistributedSampler(dataset, shuffle=shuffle, seed=seed, drop_last=drop_last, **sampler_kwargs)
+    generator = None
+    if shuffle and sampler is None:
+        generator = torch.Generator().manual_seed(seed)
+    loader_kwargs.setdefault("persistent_workers", num_workers > 0)
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
+        num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last, generator=generator, **loader_kwargs,
+    )  # fmt: skip

@@ -1,0 +1,452 @@
+"""Stage chunk: SEVIR events -> chronological train/val/test window files + stats.
+
+Every test builds its own tiny SEVIR-format root (CATALOG.csv + vil/YYYY/*.h5, 12x12 frames).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline import chunk, sevir, windows
+from pipeline.cli import run_stage
+from pipeline.config import SplitConfig, WindowsConfig
+from pipeline.dataset import WindowDataset
+from pipeline.errors import DataError
+
+SIZE = 12
+SPLIT = SplitConfig(train_end=dt.datetime(2019, 1, 1), val_end=dt.datetime(2019, 6, 1))
+FILE_2018 = "vil/2018/SEVIR_VIL_STORMEVENTS_2018_0101_1231.h5"
+FILE_2019 = "vil/2019/SEVIR_VIL_STORMEVENTS_2019_0101_1231.h5"
+
+
+# ------------------------------------------------------------------ a tiny SEVIR root
+def catalog_row(event_id: str, file_name: str, file_index: int, time_utc: str, pct_missing: float = 0.0,
+                img_type: str = "vil") -> dict:  # fmt: skip
+    row = dict.fromkeys(sevir.CATALOG_COLUMNS, 0)
+    row.update(id=event_id, file_name=file_name, file_index=file_index, img_type=img_type, time_utc=time_utc,
+               minute_offsets="-120:-115", event_type="Hail", proj=sevir.PROJ, pct_missing=pct_missing)  # fmt: skip
+    return row
+
+
+def write_vil_file(path: Path, ids: list[str], vil: np.ndarray) -> None:
+    """A SEVIR VIL file: ``id`` (N,) bytes and ``vil`` (N, H, W, T) uint8."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "w") as f:
+        f.create_dataset("id", data=np.array([i.encode() for i in ids]))
+        f.create_dataset("vil", data=vil)
+
+
+@dataclass
+class Sample:
+    raw: Path
+    vil: dict[str, np.ndarray] = field(default_factory=dict)  # event id -> (H, W, T)
+    expected: dict[str, set[str]] = field(default_factory=dict)  # split -> event ids
+
+
+def make_sample(root: Path, frames: int = 49, seed: int = 0) -> Sample:
+    """Two files, nine usable VIL events across the three splits (two exactly on a boundary),
+    plus rows chunk must drop: another image type, pct_missing > 0, a duplicated id."""
+    rng = np.random.default_rng(seed)
+    sample = Sample(raw=root)
+    files = {
+        # file_name: [(id, time_utc), ...] in file order; "X..." rows are dropped by the catalog filter
+        FILE_2018: [("S1", "2018-03-01 10:00:00"), ("X1", "2018-04-01 10:00:00"), ("S2", "2018-05-01 10:00:00"),
+                    ("S3", "2018-12-31 23:00:00"), ("S4", "2019-01-01 00:00:00"), ("S5", "2019-01-01 00:05:00")],
+        FILE_2019: [("S6", "2019-03-01 12:00:00"), ("R7", "2019-06-01 00:00:00"), ("S8", "2019-06-01 00:05:00"),
+                    ("X2", "2019-07-01 00:00:00"), ("R9", "2019-09-17 19:54:00")],
+    }  # fmt: skip
+    rows = []
+    for file_name, events in files.items():
+        vil = rng.integers(0, 256, (len(events), SIZE, SIZE, frames), dtype=np.uint8)
+        vil[:, : SIZE // 2] //= 8  # some low values, so thresholds are not all ~50%
+        write_vil_file(root / file_name, [e for e, _ in events], vil)
+        for index, (event_id, time_utc) in enumerate(events):
+            missing = 0.25 if event_id.startswith("X") else 0.0
+            rows.append(catalog_row(event_id, file_name, index, time_utc, pct_missing=missing))
+            rows.append(catalog_row(event_id, file_name.replace("vil", "ir069"), index, time_utc, img_type="ir069"))
+            if not event_id.startswith("X"):
+                sample.vil[event_id] = vil[index]
+    rows.append(catalog_row("S2", FILE_2019, 3, "2019-07-01 00:00:00"))  # duplicate id: the first row wins
+    pd.DataFrame(rows, columns=sevir.CATALOG_COLUMNS).to_csv(root / sevir.CATALOG_NAME, index=False)
+    sample.expected = {"train": {"S1", "S2", "S3", "S4"}, "val": {"S5", "S6", "R7"}, "test": {"S8", "R9"}}
+    return sample
+
+
+@pytest.fixture
+def sample(tmp_path: Path) -> Sample:
+    return make_sample(tmp_path / "raw")
+
+
+def run(sample: Sample, tmp_path: Path, **knobs) -> dict:
+    cfg = WindowsConfig(root=tmp_path / "windows", **knobs)
+    return windows.write_windows(
+        sample.raw, cfg, SPLIT, stats_path=tmp_path / "reports/chunk_stats.json", progress=False
+    )
+
+
+def read_split(tmp_path: Path, split: str) -> dict[str, np.ndarray]:
+    with h5py.File(tmp_path / "windows" / f"{split}.h5", "r") as f:
+        return {name: f[name][()] for name in f} | {"attrs": dict(f.attrs)}
+
+
+def expected_count(frames: int, window: int, stride: int, long: int) -> int:
+    """The documented formula, written independently of window_starts."""
+    if frames < long:
+        return 0
+    return max(0, (frames - window) // stride - math.ceil((long - window) / stride) + 1)
+
+
+# ------------------------------------------------------------------------ the grid
+@pytest.mark.parametrize(
+    ("frames", "in_len", "out_len", "stride", "memory_len"),
+    [(49, 13, 12, 12, None), (49, 13, 12, 6, None), (49, 5, 5, 10, None), (49, 12, 24, 12, None),
+     (49, 13, 12, 12, 37), (49, 13, 12, 5, 30), (49, 13, 12, 12, 49), (25, 13, 12, 1, None), (20, 13, 12, 12, None)],
+)  # fmt: skip
+def test_window_starts_follow_the_count_formula(frames, in_len, out_len, stride, memory_len):
+    window = in_len + out_len
+    long = memory_len or window
+    starts = windows.window_starts(frames, window, stride, long)
+    assert len(starts) == expected_count(frames, window, stride, long)
+    assert all(s % stride == 0 and s >= long - window and s + window <= frames for s in starts)
+
+
+def test_default_windows_start_at_0_12_24():
+    assert windows.window_starts(49, 25, 12) == [0, 12, 24]
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [dict(in_len=13, out_len=12, stride=12), dict(in_len=13, out_len=12, stride=6), dict(in_len=4, out_len=4, stride=16),
+     dict(in_len=13, out_len=12, stride=12, memory_len=37), dict(in_len=10, out_len=10, stride=7, memory_len=30)],
+    ids=["13-12-s12", "13-12-s6", "4-4-s16", "13-12-s12-m37", "10-10-s7-m30"],
+)  # fmt: skip
+def test_every_event_gives_the_formula_count_of_windows(sample, tmp_path, knobs):
+    run(sample, tmp_path, **knobs)
+    cfg = WindowsConfig(**knobs)
+    per_event = expected_count(49, cfg.window_len, cfg.stride, cfg.long_len)
+    for split, ids in sample.expected.items():
+        out = read_split(tmp_path, split)
+        counts = pd.Series([i.decode() for i in out["event_id"]]).value_counts().to_dict()
+        assert counts == dict.fromkeys(ids, per_event)
+        assert out["vil"].shape == (per_event * len(ids), cfg.window_len, SIZE, SIZE)
+
+
+def test_windows_hold_the_event_frames_in_time_order(sample, tmp_path):
+    run(sample, tmp_path)
+    out = read_split(tmp_path, "val")
+    for window, event_id, start in zip(out["vil"], out["event_id"], out["start"], strict=True):
+        event = sample.vil[event_id.decode()]  # (H, W, T)
+        np.testing.assert_array_equal(window, event[:, :, start : start + 25].transpose(2, 0, 1))
+
+
+def test_memory_clip_is_the_long_clip_ending_with_the_target(sample, tmp_path):
+    run(sample, tmp_path, memory_len=37)
+    out = read_split(tmp_path, "train")
+    assert out["memory"].shape[1:] == (37, SIZE, SIZE)
+    assert set(out["start"].tolist()) == {12, 24}  # start 0 has no room for 12 earlier frames
+    for memory, window, event_id, start in zip(out["memory"], out["vil"], out["event_id"], out["start"], strict=True):
+        event = sample.vil[event_id.decode()]
+        np.testing.assert_array_equal(memory, event[:, :, start + 25 - 37 : start + 25].transpose(2, 0, 1))
+        np.testing.assert_array_equal(memory[-25:], window)
+
+
+def test_no_memory_dataset_is_stored_when_the_long_clip_is_the_window(sample, tmp_path):
+    run(sample, tmp_path)
+    assert "memory" not in read_split(tmp_path, "train")
+
+
+def test_file_records_the_window_parameters_and_scale(sample, tmp_path):
+    run(sample, tmp_path, in_len=10, out_len=8, stride=4)
+    attrs = read_split(tmp_path, "test")["attrs"]
+    assert (attrs["in_len"], attrs["out_len"], attrs["stride"], attrs["downsample"]) == (10, 8, 4, 1)
+    assert attrs["scale"] == "uint8 0-255; divide by 255"
+
+
+def test_vil_is_chunked_one_window_per_chunk(sample, tmp_path):
+    run(sample, tmp_path)
+    with h5py.File(tmp_path / "windows/train.h5") as f:
+        assert f["vil"].dtype == np.uint8
+        assert f["vil"].chunks == (1, 25, SIZE, SIZE)
+        assert f["vil"].maxshape[0] is None
+
+
+def test_time_utc_is_stored_as_epoch_seconds(sample, tmp_path):
+    run(sample, tmp_path)
+    out = read_split(tmp_path, "test")
+    when = {e.decode(): t for e, t in zip(out["event_id"], out["time_utc"], strict=True)}
+    assert when["R9"] == int(dt.datetime(2019, 9, 17, 19, 54, tzinfo=dt.UTC).timestamp())
+
+
+def test_stored_windows_load_through_the_dataset(sample, tmp_path):
+    run(sample, tmp_path)
+    item = WindowDataset(tmp_path / "windows/val.h5")[0]
+    assert item["inputs"].shape == (13, 1, SIZE, SIZE) and item["targets"].shape == (12, 1, SIZE, SIZE)
+
+
+# ---------------------------------------------------------------------- the splits
+def test_splits_follow_the_time_boundaries_inclusively(sample, tmp_path):
+    run(sample, tmp_path)
+    for split, ids in sample.expected.items():
+        assert {i.decode() for i in read_split(tmp_path, split)["event_id"]} == ids
+
+
+def test_no_event_lands_in_two_splits(sample, tmp_path):
+    run(sample, tmp_path, stride=1)
+    seen = [{i.decode() for i in read_split(tmp_path, s)["event_id"]} for s in windows.SPLITS]
+    assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
+
+
+def test_rows_with_missing_data_or_another_image_type_are_dropped(sample, tmp_path):
+    stats = run(sample, tmp_path)
+    written = set().union(*({i.decode() for i in read_split(tmp_path, s)["event_id"]} for s in windows.SPLITS))
+    assert written == set(sample.vil)  # no X* (pct_missing 0.25), ir069 rows never become windows
+    assert stats["events_dropped_missing"] == 2
+
+
+def test_a_duplicated_event_id_is_kept_once(sample, tmp_path):
+    stats = run(sample, tmp_path)
+    train_ids = [i.decode() for i in read_split(tmp_path, "train")["event_id"]]
+    assert train_ids.count("S2") == 3  # its first row only (2018); the 2019 duplicate is dropped
+    assert stats["events_dropped_duplicate"] == 1
+
+
+def test_an_empty_split_still_gets_a_file_and_a_warning(sample, tmp_path, caplog):
+    cfg = WindowsConfig(root=tmp_path / "windows")
+    late = SplitConfig(train_end=dt.datetime(2030, 1, 1), val_end=dt.datetime(2031, 1, 1))
+    windows.write_windows(sample.raw, cfg, late, stats_path=tmp_path / "stats.json", progress=False)
+    assert read_split(tmp_path, "val")["vil"].shape == (0, 25, SIZE, SIZE)
+    assert "split val is empty" in caplog.text and "split test is empty" in caplog.text
+
+
+# --------------------------------------------------------------------- downsampling
+def reference_area_mean(frames: np.ndarray, factor: int) -> np.ndarray:
+    """(H, W, T) -> block means rounded half up, one block at a time."""
+    h, w, t = frames.shape
+    out = np.zeros((h // factor, w // factor, t), np.uint8)
+    for i in range(h // factor):
+        for j in range(w // factor):
+            block = frames[i * factor : (i + 1) * factor, j * factor : (j + 1) * factor].astype(np.float64)
+            out[i, j] = np.floor(block.mean(axis=(0, 1)) + 0.5)
+    return out
+
+
+@pytest.mark.parametrize("factor", [2, 3, 4, 6])
+def test_downsampling_is_the_rounded_area_mean(factor):
+    frames = np.random.default_rng(factor).integers(0, 256, (12, 12, 5), dtype=np.uint8)
+    frames[:2, :2, 0] = [[0, 1], [0, 0]] if factor == 2 else frames[:2, :2, 0]  # a 0.25 mean
+    frames[:2, :2, 1] = [[1, 1], [0, 0]] if factor == 2 else frames[:2, :2, 1]  # a 0.5 tie -> rounds up
+    np.testing.assert_array_equal(windows.downsample(frames, factor), reference_area_mean(frames, factor))
+
+
+@pytest.mark.parametrize("factor", [6, 16, 17])  # 17: block sums past 65535 need a wider accumulator
+def test_downsampling_does_not_overflow_at_255(factor):
+    frames = np.full((2 * factor, 2 * factor, 3), 255, np.uint8)
+    np.testing.assert_array_equal(windows.downsample(frames, factor), np.full((2, 2, 3), 255, np.uint8))
+
+
+def test_downsampled_windows_are_the_area_mean_of_the_event(sample, tmp_path):
+    run(sample, tmp_path, downsample=3)
+    out = read_split(tmp_path, "test")
+    assert out["vil"].shape[2:] == (4, 4)
+    for window, event_id, start in zip(out["vil"], out["event_id"], out["start"], strict=True):
+        small = reference_area_mean(sample.vil[event_id.decode()], 3)
+        np.testing.assert_array_equal(window, small[:, :, start : start + 25].transpose(2, 0, 1))
+
+
+def test_a_frame_size_not_divisible_by_downsample_is_a_clear_error(sample, tmp_path):
+    with pytest.raises(DataError, match="downsample = 5 does not divide the VIL frame size 12x12"):
+        run(sample, tmp_path, downsample=5)
+    assert not (tmp_path / "windows").exists()
+
+
+def test_a_writer_grows_past_its_capacity_and_trims_on_close(tmp_path):
+    frames = np.arange(49 * 4 * 4, dtype=np.uint32).astype(np.uint8).reshape(49, 4, 4)
+    writer = windows.SplitWriter(tmp_path / "w.h5", "train", WindowsConfig(), SPLIT, (4, 4), id_len=2, capacity=2)
+    for event_id in ("S1", "S2", "S3"):
+        writer.append(event_id, 0, frames, [0, 12, 24])
+    writer.close()
+    with h5py.File(tmp_path / "w.h5") as f:
+        assert f["vil"].shape == (9, 25, 4, 4) and f["event_id"].shape == (9,)
+        np.testing.assert_array_equal(f["vil"][8], frames[24:49])
+
+
+def test_time_major_copy_matches_the_numpy_transpose():
+    event = np.random.default_rng(1).integers(0, 256, (70, 50, 9), dtype=np.uint8)  # H*W not a multiple of the tile
+    np.testing.assert_array_equal(windows.to_time_major(event), event.transpose(2, 0, 1))
+
+
+# ------------------------------------------------------------------------ streaming
+def test_reads_at_most_chunk_events_events_per_call_in_file_order(sample, tmp_path, monkeypatch):
+    calls: list[tuple[str, int, int]] = []
+    real_read = sevir.VilFile.read
+
+    def spy(self, start, stop=None):
+        block = real_read(self, start, stop)
+        calls.append((self.path.name, start, start + len(block)))
+        return block
+
+    monkeypatch.setattr(sevir.VilFile, "read", spy)
+    run(sample, tmp_path, chunk_events=2)
+    assert calls and max(stop - start for _, start, stop in calls) <= 2
+    assert calls == sorted(calls)  # grouped by file, file_index increasing: one sequential pass
+    assert sum(stop - start for _, start, stop in calls) == len(sample.vil)  # each kept event read once
+
+
+def test_a_file_index_gap_splits_a_read(sample, tmp_path, monkeypatch):
+    calls: list[tuple[int, int]] = []
+    real_read = sevir.VilFile.read
+    monkeypatch.setattr(
+        sevir.VilFile,
+        "read",
+        lambda self, start, stop=None: calls.append((start, stop)) or real_read(self, start, stop),
+    )
+    run(sample, tmp_path, chunk_events=10)
+    assert (0, 1) in calls and (2, 6) in calls  # file 2018: index 1 (pct_missing) is never read
+
+
+# ------------------------------------------------------------------------ the stats
+def test_stats_count_events_windows_and_exceedance_per_split(sample, tmp_path):
+    stats = run(sample, tmp_path)
+    saved = json.loads((tmp_path / "reports/chunk_stats.json").read_text())
+    assert saved == stats
+    for split, ids in sample.expected.items():
+        pixels = np.concatenate([sample.vil[i].ravel() for i in sorted(ids)])  # default windows cover all 49 frames
+        assert stats[split]["events"] == len(ids) and stats[split]["windows"] == 3 * len(ids)
+        assert stats[split]["exceed_74"] == pytest.approx(np.mean(pixels >= 74), abs=1e-6)
+        assert stats[split]["hist_0_16"] == pytest.approx(np.mean(pixels < 16), abs=1e-6)
+        assert sum(v for k, v in stats[split].items() if k.startswith("hist_")) == pytest.approx(1.0, abs=1e-5)
+    assert (stats["frame_height"], stats["frame_width"]) == (SIZE, SIZE)
+    assert stats["bytes_read"] == len(sample.vil) * SIZE * SIZE * 49
+    assert stats["bytes_written"] == sum((tmp_path / f"windows/{s}.h5").stat().st_size for s in windows.SPLITS)
+
+
+def test_events_shorter_than_a_window_are_skipped_and_counted(tmp_path, caplog):
+    sample = make_sample(tmp_path / "raw", frames=20)
+    stats = run(sample, tmp_path)
+    assert stats["train"]["events_skipped_short"] == 4 and stats["train"]["windows"] == 0
+    assert "fewer than one window" in caplog.text
+
+
+# ------------------------------------------------------------------ the entrypoint
+@pytest.fixture
+def stage(sample, tmp_path, write_params):
+    """Run ``python -m pipeline.chunk`` in-process; returns (exit code, stderr)."""
+    params = write_params({"data": {"root": str(sample.raw), "split": {"train_end": "2019-01-01 00:00:00"}},
+                           "windows": {"root": str(tmp_path / "windows")}})  # fmt: skip
+
+    def _run(capsys) -> tuple[int, str]:
+        code = run_stage(chunk.main, ["--params", str(params), "--stats", str(tmp_path / "reports/chunk_stats.json")])
+        return code, capsys.readouterr().err
+
+    return _run
+
+
+def snapshot(tmp_path: Path) -> dict[str, str]:
+    """Digest of every file in the stage's outputs and of the output folder's siblings."""
+    files = [
+        p for p in sorted((tmp_path / "windows").rglob("*")) + sorted((tmp_path / "reports").rglob("*")) if p.is_file()
+    ]
+    return {str(p.relative_to(tmp_path)): hashlib.sha1(p.read_bytes()).hexdigest() for p in files} | {
+        "siblings": ",".join(sorted(p.name for p in tmp_path.iterdir()))
+    }
+
+
+def test_stage_writes_three_split_files_and_the_stats(stage, tmp_path, capsys):
+    code, _ = stage(capsys)
+    assert code == 0
+    assert sorted(p.name for p in (tmp_path / "windows").iterdir()) == ["test.h5", "train.h5", "val.h5"]
+    assert json.loads((tmp_path / "reports/chunk_stats.json").read_text())["train"]["windows"] == 12
+
+
+def test_file_names_resolve_against_SOURCE_ROOT(tmp_path, write_params, capsys):
+    source = make_sample(tmp_path / "sevir")  # the real SEVIR tree, used in place
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    (raw / sevir.CATALOG_NAME).write_bytes((source.raw / sevir.CATALOG_NAME).read_bytes())
+    (raw / sevir.SOURCE_ROOT_NAME).write_text(f"{source.raw}\n")
+    stats = windows.write_windows(
+        raw, WindowsConfig(root=tmp_path / "windows"), SPLIT, tmp_path / "s.json", progress=False
+    )
+    assert stats["test"]["windows"] == 6
+
+
+def break_catalog(sample: Sample) -> None:
+    (sample.raw / sevir.CATALOG_NAME).unlink()
+
+
+def break_file_missing(sample: Sample) -> None:
+    (sample.raw / FILE_2019).unlink()
+
+
+def break_file_truncated(sample: Sample) -> None:
+    path = sample.raw / FILE_2019
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+def break_file_corrupt(sample: Sample) -> None:
+    (sample.raw / FILE_2019).write_bytes(b"this is not an HDF5 file" * 100)
+
+
+def break_path_traversal(sample: Sample) -> None:
+    catalog = pd.read_csv(sample.raw / sevir.CATALOG_NAME)
+    catalog.loc[catalog["id"] == "R9", "file_name"] = "../../etc/passwd"
+    catalog.to_csv(sample.raw / sevir.CATALOG_NAME, index=False)
+
+
+def break_id_mismatch(sample: Sample) -> None:
+    catalog = pd.read_csv(sample.raw / sevir.CATALOG_NAME)
+    catalog.loc[(catalog["id"] == "R9") & (catalog["img_type"] == "vil"), "file_index"] = 0
+    catalog.to_csv(sample.raw / sevir.CATALOG_NAME, index=False)
+
+
+@pytest.mark.parametrize(
+    ("breakage", "message"),
+    [(break_catalog, "catalog not found"), (break_file_missing, "VIL file referenced by the catalog is missing"),
+     (break_file_truncated, "corrupt or truncated"), (break_file_corrupt, "corrupt or truncated"),
+     (break_path_traversal, "escapes the data root"), (break_id_mismatch, "holds event 'S6' but the catalog says 'R9'")],
+    ids=["missing-catalog", "missing-file", "truncated-file", "corrupt-file", "path-traversal", "id-mismatch"],
+)  # fmt: skip
+def test_bad_data_is_one_line_error_and_keeps_the_previous_output(stage, sample, tmp_path, capsys, breakage, message):
+    assert stage(capsys)[0] == 0
+    before = snapshot(tmp_path)
+    breakage(sample)
+    code, err = stage(capsys)
+    assert code == 2
+    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    assert snapshot(tmp_path) == before
+
+
+def test_a_read_failing_midway_keeps_the_previous_output(stage, tmp_path, capsys, monkeypatch):
+    assert stage(capsys)[0] == 0
+    before = snapshot(tmp_path)
+    real_read, calls = sevir.VilFile.read, []
+
+    def failing(self, start, stop=None):
+        calls.append(start)
+        if len(calls) == 4:
+            raise DataError(
+                f"{self.path}: read of events {start}..{stop} failed (simulated); the file is corrupt or truncated"
+            )
+        return real_read(self, start, stop)
+
+    monkeypatch.setattr(sevir.VilFile, "read", failing)
+    code, err = stage(capsys)
+    assert code == 2 and "simulated" in err
+    assert snapshot(tmp_path) == before
+
+
+def test_a_failure_on_a_first_run_leaves_no_output(sample, tmp_path):
+    break_file_truncated(sample)
+    with pytest.raises(DataError):
+        run(sample, tmp_path)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
