@@ -8,9 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import h5py
 import pytest
 import yaml
+from mlflow.tracking import MlflowClient
+
+from pipeline.dataset import WindowDataset
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -47,10 +49,19 @@ def test_repro_builds_every_stage_output(project: Path):
     _run([str(BIN / "dvc"), "repro"], project)
     assert (project / "data/raw/CATALOG.csv").is_file()
     assert sorted(p.name for p in (project / "data/windows").glob("*.h5")) == ["test.h5", "train.h5", "val.h5"]
-    with h5py.File(project / "data/windows/train.h5") as f:
-        assert f["vil"].shape[1:] == (25, 64, 64)
+    sample = WindowDataset(project / "data/windows/train.h5")[0]
+    assert sample["inputs"].shape == (13, 1, 64, 64) and sample["targets"].shape == (12, 1, 64, 64)
     assert (project / "reports/chunk_stats.json").is_file()
     assert (project / "dvc.lock").is_file()
+
+
+def test_repro_logs_each_stage_to_one_mlflow_parent_run(project: Path):
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    exp = client.get_experiment_by_name("sevir-nowcasting")
+    stages = {r.info.run_name: r for r in client.search_runs([exp.experiment_id], filter_string="tags.`pipeline.stage` != ''")}
+    assert {"fetch", "chunk"} <= set(stages)
+    assert stages["fetch"].data.tags["mlflow.parentRunId"] == stages["chunk"].data.tags["mlflow.parentRunId"]
+    assert stages["chunk"].data.metrics["train.windows"] > 0
 
 
 def test_second_repro_does_nothing(project: Path):
@@ -63,8 +74,10 @@ def test_second_repro_does_nothing(project: Path):
 
 
 def test_changing_a_windows_param_reruns_only_chunk(project: Path):
-    _run([str(BIN / "dvc"), "exp", "run", "-S", "windows.stride=6"], project)
-    with h5py.File(project / "data/windows/train.h5") as f:
-        n_stride6 = f["vil"].shape[0]
-    # stride 6 on 49 frames, window 25: 5 windows per event instead of 3
-    assert n_stride6 % 5 == 0 and n_stride6 > 0
+    n_stride12 = len(WindowDataset(project / "data/windows/train.h5"))
+    proc = _run([str(BIN / "dvc"), "exp", "run", "-S", "windows.stride=6"], project)
+    out = proc.stdout + proc.stderr
+    assert "Stage 'fetch' didn't change, skipping" in out
+    assert "Running stage 'chunk'" in out
+    # 49 frames, window 25: stride 6 gives 5 windows per event, stride 12 gives 3
+    assert len(WindowDataset(project / "data/windows/train.h5")) * 3 == n_stride12 * 5
