@@ -119,7 +119,8 @@ def stage_run(cfg: Config, stage: str, sections: tuple[str, ...] = ()) -> Iterat
     from sqlalchemy.exc import SQLAlchemyError
 
     uri = tracking_uri(cfg.tracking.uri)
-    logging.getLogger("alembic").setLevel(logging.WARNING)
+    for noisy in ("alembic", "mlflow.store.db.utils"):  # schema set-up chatter on a new store
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     mlflow.set_tracking_uri(uri)
     try:
         client = MlflowClient(uri)
