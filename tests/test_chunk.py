@@ -6,9 +6,14 @@ Every test builds its own tiny SEVIR-format root (CATALOG.csv + vil/YYYY/*.h5, 1
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import hashlib
 import json
+import logging
 import math
+import os
+import subprocess
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +29,7 @@ from pipeline.dataset import WindowDataset
 from pipeline.errors import DataError
 
 SIZE = 12
+REPO = Path(__file__).resolve().parents[1]
 SPLIT = SplitConfig(train_end=dt.datetime(2019, 1, 1), val_end=dt.datetime(2019, 6, 1))
 FILE_2018 = "vil/2018/SEVIR_VIL_STORMEVENTS_2018_0101_1231.h5"
 FILE_2019 = "vil/2019/SEVIR_VIL_STORMEVENTS_2019_0101_1231.h5"
@@ -53,9 +59,10 @@ class Sample:
     expected: dict[str, set[str]] = field(default_factory=dict)  # split -> event ids
 
 
-def make_sample(root: Path, frames: int = 49, seed: int = 0) -> Sample:
+def make_sample(root: Path, frames: int = 49, seed: int = 0, frames_2019: int | None = None) -> Sample:
     """Two files, nine usable VIL events across the three splits (two exactly on a boundary),
-    plus rows chunk must drop: another image type, pct_missing > 0, a duplicated id."""
+    plus rows chunk must drop: another image type, pct_missing > 0, a duplicated id. The 2019
+    file's events have ``frames_2019`` frames (default: ``frames``)."""
     rng = np.random.default_rng(seed)
     sample = Sample(raw=root)
     files = {
@@ -67,7 +74,8 @@ def make_sample(root: Path, frames: int = 49, seed: int = 0) -> Sample:
     }  # fmt: skip
     rows = []
     for file_name, events in files.items():
-        vil = rng.integers(0, 256, (len(events), SIZE, SIZE, frames), dtype=np.uint8)
+        n_frames = frames_2019 if frames_2019 and file_name == FILE_2019 else frames
+        vil = rng.integers(0, 256, (len(events), SIZE, SIZE, n_frames), dtype=np.uint8)
         vil[:, : SIZE // 2] //= 8  # some low values, so thresholds are not all ~50%
         write_vil_file(root / file_name, [e for e, _ in events], vil)
         for index, (event_id, time_utc) in enumerate(events):
@@ -99,6 +107,20 @@ def read_split(tmp_path: Path, split: str) -> dict[str, np.ndarray]:
         return {name: f[name][()] for name in f} | {"attrs": dict(f.attrs)}
 
 
+def split_windows(out: dict[str, np.ndarray]) -> list[tuple[str, int, np.ndarray]]:
+    """(event id, start in the original event, (L, H, W) frames) of every window of a split file."""
+    L = int(out["attrs"]["window_len"])
+    result = []
+    for row, start in zip(out["window_event"], out["window_start"], strict=True):
+        event_id = out["event_id"][row].decode()
+        result.append((event_id, int(out["frame_offset"][row] + start), out["vil"][row, start : start + L]))
+    return result
+
+
+def window_ids(out: dict[str, np.ndarray]) -> list[str]:
+    return [out["event_id"][row].decode() for row in out["window_event"]]
+
+
 def expected_count(frames: int, window: int, stride: int, long: int) -> int:
     """The documented formula, written independently of window_starts."""
     if frames < long:
@@ -125,59 +147,85 @@ def test_default_windows_start_at_0_12_24():
 
 
 @pytest.mark.parametrize(
+    ("frames", "in_len", "out_len", "stride", "memory_len", "stored"),
+    [(49, 13, 12, 12, None, (0, 49)), (49, 13, 12, 20, None, (0, 45)), (49, 13, 12, 12, 37, (0, 49)),
+     (49, 4, 4, 16, 20, (4, 40)), (37, 13, 12, 12, None, (0, 37))],
+)  # fmt: skip
+def test_the_stored_frames_run_from_the_first_long_clip_to_the_last_window_end(frames, in_len, out_len, stride,
+                                                                                memory_len, stored):  # fmt: skip
+    grid = windows.Grid.of(frames, WindowsConfig(in_len=in_len, out_len=out_len, stride=stride, memory_len=memory_len))
+    assert (grid.first, grid.stop) == stored
+    assert all(0 <= s + grid.window_len - (memory_len or grid.window_len) for s in grid.stored_starts)
+    assert grid.stored_starts[-1] + grid.window_len == grid.n_stored
+
+
+@pytest.mark.parametrize(
     "knobs",
     [dict(in_len=13, out_len=12, stride=12), dict(in_len=13, out_len=12, stride=6), dict(in_len=4, out_len=4, stride=16),
      dict(in_len=13, out_len=12, stride=12, memory_len=37), dict(in_len=10, out_len=10, stride=7, memory_len=30)],
     ids=["13-12-s12", "13-12-s6", "4-4-s16", "13-12-s12-m37", "10-10-s7-m30"],
 )  # fmt: skip
 def test_every_event_gives_the_formula_count_of_windows(sample, tmp_path, knobs):
-    run(sample, tmp_path, **knobs)
+    stats = run(sample, tmp_path, **knobs)
     cfg = WindowsConfig(**knobs)
     per_event = expected_count(49, cfg.window_len, cfg.stride, cfg.long_len)
     for split, ids in sample.expected.items():
         out = read_split(tmp_path, split)
-        counts = pd.Series([i.decode() for i in out["event_id"]]).value_counts().to_dict()
-        assert counts == dict.fromkeys(ids, per_event)
-        assert out["vil"].shape == (per_event * len(ids), cfg.window_len, SIZE, SIZE)
+        assert pd.Series(window_ids(out)).value_counts().to_dict() == dict.fromkeys(ids, per_event)
+        assert len(out["window_start"]) == per_event * len(ids) == stats[split]["windows"]
+        assert out["vil"].shape == (len(ids), stats["frames_per_event"], SIZE, SIZE)  # each event once
 
 
 def test_windows_hold_the_event_frames_in_time_order(sample, tmp_path):
     run(sample, tmp_path)
-    out = read_split(tmp_path, "val")
-    for window, event_id, start in zip(out["vil"], out["event_id"], out["start"], strict=True):
-        event = sample.vil[event_id.decode()]  # (H, W, T)
+    found = split_windows(read_split(tmp_path, "val"))
+    assert sorted((event_id, start) for event_id, start, _ in found) == [
+        (event_id, start) for event_id in sorted(sample.expected["val"]) for start in (0, 12, 24)
+    ]
+    for event_id, start, window in found:
+        event = sample.vil[event_id]  # (H, W, T)
         np.testing.assert_array_equal(window, event[:, :, start : start + 25].transpose(2, 0, 1))
 
 
-def test_memory_clip_is_the_long_clip_ending_with_the_target(sample, tmp_path):
-    run(sample, tmp_path, memory_len=37)
+@pytest.mark.parametrize(("in_len", "out_len", "stride", "memory_len"), [(13, 12, 12, 37), (4, 4, 16, 20)])
+def test_memory_clip_is_the_long_clip_ending_with_the_target(sample, tmp_path, in_len, out_len, stride, memory_len):
+    run(sample, tmp_path, in_len=in_len, out_len=out_len, stride=stride, memory_len=memory_len)
+    L, M = in_len + out_len, memory_len
     out = read_split(tmp_path, "train")
-    assert out["memory"].shape[1:] == (37, SIZE, SIZE)
-    assert set(out["start"].tolist()) == {12, 24}  # start 0 has no room for 12 earlier frames
-    for memory, window, event_id, start in zip(out["memory"], out["vil"], out["event_id"], out["start"], strict=True):
-        event = sample.vil[event_id.decode()]
-        np.testing.assert_array_equal(memory, event[:, :, start + 25 - 37 : start + 25].transpose(2, 0, 1))
-        np.testing.assert_array_equal(memory[-25:], window)
+    assert "memory" not in out  # the long clip is read from the event's row: no second copy
+    assert {start for _, start, _ in split_windows(out)} == set(windows.window_starts(49, L, stride, M))
+    for row, start in zip(out["window_event"], out["window_start"], strict=True):
+        event = sample.vil[out["event_id"][row].decode()]
+        first = out["frame_offset"][row] + start + L - M  # in the original event
+        np.testing.assert_array_equal(out["vil"][row, start + L - M : start + L],
+                                      event[:, :, first : first + M].transpose(2, 0, 1))  # fmt: skip
 
 
-def test_no_memory_dataset_is_stored_when_the_long_clip_is_the_window(sample, tmp_path):
-    run(sample, tmp_path)
-    assert "memory" not in read_split(tmp_path, "train")
+def test_each_event_is_stored_once_so_writes_equal_reads(sample, tmp_path):
+    stats = run(sample, tmp_path)
+    rows = sum(read_split(tmp_path, s)["vil"].shape[0] for s in windows.SPLITS)
+    assert rows == len(sample.vil) and stats["frames_per_event"] == 49
+    stored = sum(read_split(tmp_path, s)["vil"].nbytes for s in windows.SPLITS)
+    assert stored == stats["bytes_read"]  # the windows overlap, yet no frame is written twice
 
 
 def test_file_records_the_window_parameters_and_scale(sample, tmp_path):
     run(sample, tmp_path, in_len=10, out_len=8, stride=4)
     attrs = read_split(tmp_path, "test")["attrs"]
     assert (attrs["in_len"], attrs["out_len"], attrs["stride"], attrs["downsample"]) == (10, 8, 4, 1)
+    assert (attrs["window_len"], attrs["long_len"]) == (18, 18)
     assert attrs["scale"] == "uint8 0-255; divide by 255"
 
 
-def test_vil_is_chunked_one_window_per_chunk(sample, tmp_path):
+def test_vil_is_chunked_one_frame_per_chunk(sample, tmp_path):
     run(sample, tmp_path)
     with h5py.File(tmp_path / "windows/train.h5") as f:
         assert f["vil"].dtype == np.uint8
-        assert f["vil"].chunks == (1, 25, SIZE, SIZE)
-        assert f["vil"].maxshape[0] is None
+        assert f["vil"].chunks == (1, 1, SIZE, SIZE)
+        assert f["vil"].compression is None
+        assert {name: f[name].dtype for name in ("window_event", "window_start", "frame_offset", "time_utc")} == {
+            "window_event": np.int32, "window_start": np.int32, "frame_offset": np.int32, "time_utc": np.int64,
+        }  # fmt: skip
 
 
 def test_time_utc_is_stored_as_epoch_seconds(sample, tmp_path):
@@ -185,6 +233,19 @@ def test_time_utc_is_stored_as_epoch_seconds(sample, tmp_path):
     out = read_split(tmp_path, "test")
     when = {e.decode(): t for e, t in zip(out["event_id"], out["time_utc"], strict=True)}
     assert when["R9"] == int(dt.datetime(2019, 9, 17, 19, 54, tzinfo=dt.UTC).timestamp())
+
+
+def test_events_of_a_file_with_fewer_frames_fill_the_start_of_their_rows(tmp_path):
+    sample = make_sample(tmp_path / "raw", frames_2019=37)  # 2018: 49 frames, 3 windows; 2019: 37, 2 windows
+    stats = run(sample, tmp_path)
+    assert stats["frames_per_event"] == 49
+    out = read_split(tmp_path, "test")  # S8, R9: from the 2019 file
+    assert sorted(window_ids(out)) == ["R9", "R9", "S8", "S8"]
+    for event_id, start, window in split_windows(out):
+        np.testing.assert_array_equal(window, sample.vil[event_id][:, :, start : start + 25].transpose(2, 0, 1))
+    assert not out["vil"][:, 37:].any()  # the unused tail of the rows
+    ds = WindowDataset(tmp_path / "windows/test.h5", raw=True)
+    np.testing.assert_array_equal(ds[1]["targets"][:, 0].numpy(), out["vil"][out["window_event"][1], 25:37])
 
 
 def test_stored_windows_load_through_the_dataset(sample, tmp_path):
@@ -197,26 +258,28 @@ def test_stored_windows_load_through_the_dataset(sample, tmp_path):
 def test_splits_follow_the_time_boundaries_inclusively(sample, tmp_path):
     run(sample, tmp_path)
     for split, ids in sample.expected.items():
-        assert {i.decode() for i in read_split(tmp_path, split)["event_id"]} == ids
+        out = read_split(tmp_path, split)
+        assert {i.decode() for i in out["event_id"]} == set(window_ids(out)) == ids
 
 
 def test_no_event_lands_in_two_splits(sample, tmp_path):
     run(sample, tmp_path, stride=1)
-    seen = [{i.decode() for i in read_split(tmp_path, s)["event_id"]} for s in windows.SPLITS]
+    seen = [set(window_ids(read_split(tmp_path, s))) for s in windows.SPLITS]
     assert not (seen[0] & seen[1] or seen[0] & seen[2] or seen[1] & seen[2])
 
 
 def test_rows_with_missing_data_or_another_image_type_are_dropped(sample, tmp_path):
     stats = run(sample, tmp_path)
-    written = set().union(*({i.decode() for i in read_split(tmp_path, s)["event_id"]} for s in windows.SPLITS))
+    written = set().union(*(window_ids(read_split(tmp_path, s)) for s in windows.SPLITS))
     assert written == set(sample.vil)  # no X* (pct_missing 0.25), ir069 rows never become windows
     assert stats["events_dropped_missing"] == 2
 
 
 def test_a_duplicated_event_id_is_kept_once(sample, tmp_path):
     stats = run(sample, tmp_path)
-    train_ids = [i.decode() for i in read_split(tmp_path, "train")["event_id"]]
-    assert train_ids.count("S2") == 3  # its first row only (2018); the 2019 duplicate is dropped
+    train = read_split(tmp_path, "train")
+    assert [i.decode() for i in train["event_id"]].count("S2") == 1  # its first row only (2018)
+    assert window_ids(train).count("S2") == 3  # the 2019 duplicate is dropped
     assert stats["events_dropped_duplicate"] == 1
 
 
@@ -224,7 +287,9 @@ def test_an_empty_split_still_gets_a_file_and_a_warning(sample, tmp_path, caplog
     cfg = WindowsConfig(root=tmp_path / "windows")
     late = SplitConfig(train_end=dt.datetime(2030, 1, 1), val_end=dt.datetime(2031, 1, 1))
     windows.write_windows(sample.raw, cfg, late, stats_path=tmp_path / "stats.json", progress=False)
-    assert read_split(tmp_path, "val")["vil"].shape == (0, 25, SIZE, SIZE)
+    out = read_split(tmp_path, "val")
+    assert out["vil"].shape == (0, 49, SIZE, SIZE) and out["window_event"].shape == (0,)
+    assert len(WindowDataset(tmp_path / "windows/val.h5")) == 0
     assert "split val is empty" in caplog.text and "split test is empty" in caplog.text
 
 
@@ -255,11 +320,11 @@ def test_downsampling_does_not_overflow_at_255(factor):
 
 
 def test_downsampled_windows_are_the_area_mean_of_the_event(sample, tmp_path):
-    run(sample, tmp_path, downsample=3)
+    run(sample, tmp_path, downsample=3, stride=20)  # stored frames 0..44 of each event
     out = read_split(tmp_path, "test")
-    assert out["vil"].shape[2:] == (4, 4)
-    for window, event_id, start in zip(out["vil"], out["event_id"], out["start"], strict=True):
-        small = reference_area_mean(sample.vil[event_id.decode()], 3)
+    assert out["vil"].shape[1:] == (45, 4, 4)
+    for event_id, start, window in split_windows(out):
+        small = reference_area_mean(sample.vil[event_id], 3)
         np.testing.assert_array_equal(window, small[:, :, start : start + 25].transpose(2, 0, 1))
 
 
@@ -269,46 +334,55 @@ def test_a_frame_size_not_divisible_by_downsample_is_a_clear_error(sample, tmp_p
     assert not (tmp_path / "windows").exists()
 
 
-def test_a_writer_grows_past_its_capacity_and_trims_on_close(tmp_path):
+def test_a_writer_stores_events_as_rows_and_the_window_index(tmp_path):
     frames = np.arange(49 * 4 * 4, dtype=np.uint32).astype(np.uint8).reshape(49, 4, 4)
-    writer = windows.SplitWriter(tmp_path / "w.h5", "train", WindowsConfig(), SPLIT, (4, 4), id_len=2, capacity=2)
-    for event_id in ("S1", "S2", "S3"):
-        writer.append(event_id, 0, frames, [0, 12, 24])
+    writer = windows.SplitWriter(tmp_path / "w.h5", "train", WindowsConfig(), SPLIT, (4, 4), 2, n_events=2, n_frames=49)
+    writer.append("S1", 7, 0, frames, [0, 12, 24])
+    writer.append("S2", 8, 0, frames[::-1].copy(), [0, 12, 24])
+    with pytest.raises(RuntimeError, match="more events than the 2"):
+        writer.append("S3", 9, 0, frames, [0])
     writer.close()
     with h5py.File(tmp_path / "w.h5") as f:
-        assert f["vil"].shape == (9, 25, 4, 4) and f["event_id"].shape == (9,)
-        np.testing.assert_array_equal(f["vil"][8], frames[24:49])
+        assert f["vil"].shape == (2, 49, 4, 4) and f["event_id"][()].tolist() == [b"S1", b"S2"]
+        assert f["window_event"][()].tolist() == [0, 0, 0, 1, 1, 1] and f["time_utc"][()].tolist() == [7, 8]
+        np.testing.assert_array_equal(f["vil"][1], frames[::-1])
 
 
 def test_time_major_copy_matches_the_numpy_transpose():
     event = np.random.default_rng(1).integers(0, 256, (70, 50, 9), dtype=np.uint8)  # H*W not a multiple of the tile
     np.testing.assert_array_equal(windows.to_time_major(event), event.transpose(2, 0, 1))
+    part = event[:, :, 2:7]  # a strided view, as the stage passes the stored frame range
+    np.testing.assert_array_equal(windows.to_time_major(part, out=np.empty((5, 70, 50), np.uint8)),
+                                  part.transpose(2, 0, 1))  # fmt: skip
 
 
 # ------------------------------------------------------------------------ streaming
 def test_reads_at_most_chunk_events_events_per_call_in_file_order(sample, tmp_path, monkeypatch):
     calls: list[tuple[str, int, int]] = []
-    real_read = sevir.VilFile.read
+    buffers: set[int] = set()
+    real_read = windows.read_block
 
-    def spy(self, start, stop=None):
-        block = real_read(self, start, stop)
-        calls.append((self.path.name, start, start + len(block)))
+    def spy(vil, start, stop, out):
+        block = real_read(vil, start, stop, out)
+        calls.append((vil.path.name, start, start + len(block)))
+        buffers.add(out.ctypes.data)
         return block
 
-    monkeypatch.setattr(sevir.VilFile, "read", spy)
+    monkeypatch.setattr(windows, "read_block", spy)
     run(sample, tmp_path, chunk_events=2)
     assert calls and max(stop - start for _, start, stop in calls) <= 2
     assert calls == sorted(calls)  # grouped by file, file_index increasing: one sequential pass
     assert sum(stop - start for _, start, stop in calls) == len(sample.vil)  # each kept event read once
+    assert len(buffers) == 2 < len(calls)  # into two reused buffers: memory does not grow with the file
 
 
 def test_a_file_index_gap_splits_a_read(sample, tmp_path, monkeypatch):
     calls: list[tuple[int, int]] = []
-    real_read = sevir.VilFile.read
+    real_read = windows.read_block
     monkeypatch.setattr(
-        sevir.VilFile,
-        "read",
-        lambda self, start, stop=None: calls.append((start, stop)) or real_read(self, start, stop),
+        windows,
+        "read_block",
+        lambda vil, start, stop, out: calls.append((start, stop)) or real_read(vil, start, stop, out),
     )
     run(sample, tmp_path, chunk_events=10)
     assert (0, 1) in calls and (2, 6) in calls  # file 2018: index 1 (pct_missing) is never read
@@ -328,6 +402,12 @@ def test_stats_count_events_windows_and_exceedance_per_split(sample, tmp_path):
     assert (stats["frame_height"], stats["frame_width"]) == (SIZE, SIZE)
     assert stats["bytes_read"] == len(sample.vil) * SIZE * SIZE * 49
     assert stats["bytes_written"] == sum((tmp_path / f"windows/{s}.h5").stat().st_size for s in windows.SPLITS)
+
+
+def test_stats_count_the_window_frames_only(sample, tmp_path):
+    stats = run(sample, tmp_path, in_len=4, out_len=4, stride=16, memory_len=20)  # windows 16..23, 32..39
+    pixels = np.concatenate([sample.vil[i][:, :, 16:40].ravel() for i in sorted(sample.expected["val"])])
+    assert stats["val"]["exceed_133"] == pytest.approx(np.mean(pixels >= 133), abs=1e-6)
 
 
 def test_events_shorter_than_a_window_are_skipped_and_counted(tmp_path, caplog):
@@ -422,24 +502,26 @@ def test_bad_data_is_one_line_error_and_keeps_the_previous_output(stage, sample,
     breakage(sample)
     code, err = stage(capsys)
     assert code == 2
-    assert err.startswith("error: ") and message in err and err.count("\n") == 1
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]  # other lines: the usual logs
+    assert len(errors) == 1 and message in errors[0] and err.endswith(errors[0] + "\n")
+    assert "Traceback" not in err
     assert snapshot(tmp_path) == before
 
 
 def test_a_read_failing_midway_keeps_the_previous_output(stage, tmp_path, capsys, monkeypatch):
     assert stage(capsys)[0] == 0
     before = snapshot(tmp_path)
-    real_read, calls = sevir.VilFile.read, []
+    real_read, calls = windows.read_block, []
 
-    def failing(self, start, stop=None):
+    def failing(vil, start, stop, out):
         calls.append(start)
         if len(calls) == 4:
             raise DataError(
-                f"{self.path}: read of events {start}..{stop} failed (simulated); the file is corrupt or truncated"
+                f"{vil.path}: read of events {start}..{stop} failed (simulated); the file is corrupt or truncated"
             )
-        return real_read(self, start, stop)
+        return real_read(vil, start, stop, out)
 
-    monkeypatch.setattr(sevir.VilFile, "read", failing)
+    monkeypatch.setattr(windows, "read_block", failing)
     code, err = stage(capsys)
     assert code == 2 and "simulated" in err
     assert snapshot(tmp_path) == before
@@ -450,3 +532,57 @@ def test_a_failure_on_a_first_run_leaves_no_output(sample, tmp_path):
     with pytest.raises(DataError):
         run(sample, tmp_path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
+
+
+# ---------------------------------------------------------------- leftovers of killed runs
+def test_a_run_removes_the_temporary_folders_a_killed_run_left(sample, tmp_path, caplog):
+    stale = [tmp_path / ".windows.tmp-0123abcd", tmp_path / ".windows.tmp-deadbeef"]  # atomic_dir's names
+    stale[0].mkdir()
+    (stale[0] / "train.h5").write_bytes(b"half written")
+    stale[1].mkdir()
+    others = [tmp_path / n for n in (".windows.tmp-xyz", ".windows.tmp-0123abcde", ".windowsx.tmp-0123abcd",
+                                      "windows.tmp-0123abcd", ".other.tmp-0123abcd", ".windows.tmp-0123ABCD")]  # fmt: skip
+    for path in others:
+        path.mkdir()
+    run(sample, tmp_path)
+    assert not any(p.exists() for p in stale)
+    assert all(p.is_dir() for p in others)  # only the exact pattern is touched
+    assert "removed 2 temporary folder(s) left by an interrupted chunk run" in caplog.text
+    assert sorted(p.name for p in (tmp_path / "windows").iterdir()) == ["test.h5", "train.h5", "val.h5"]
+
+
+def test_a_killed_run_leaves_a_temporary_folder_that_the_next_run_removes(sample, tmp_path):
+    cfg = WindowsConfig(root=tmp_path / "windows")
+    code = (
+        "import os, signal, sys, datetime as dt\n"
+        "from pathlib import Path\n"
+        "from pipeline import windows\n"
+        "from pipeline.config import SplitConfig, WindowsConfig\n"
+        "real = windows.SplitWriter.append\n"
+        "def append(self, *a):\n"
+        "    real(self, *a)\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"
+        "windows.SplitWriter.append = append\n"
+        f"windows.write_windows(Path({str(sample.raw)!r}), WindowsConfig(root=Path({str(cfg.root)!r})), "
+        "SplitConfig(), Path(sys.argv[1]), progress=False)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code, str(tmp_path / "s.json")], cwd=REPO, capture_output=True)
+    assert proc.returncode == -9, proc.stderr.decode()
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".windows.tmp-")]
+    assert len(left) == 1 and (left[0] / "train.h5").is_file()
+    run(sample, tmp_path)
+    assert not left[0].exists()
+
+
+def test_a_run_leaves_the_temporary_folders_of_a_run_still_going_alone(sample, tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="pipeline.windows")
+    live = tmp_path / ".windows.tmp-0123abcd"
+    live.mkdir()
+    fd = os.open(tmp_path, os.O_RDONLY)  # what a run in progress holds: a shared lock on the parent
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+        run(sample, tmp_path)
+    finally:
+        os.close(fd)
+    assert live.is_dir()
+    assert "another chunk run is writing next to" in caplog.text
