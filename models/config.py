@@ -35,7 +35,7 @@ class DATConfig(_Section):
 
     groups: PositiveInt = 2  # offset groups; each shares one set of sampling points; divides every heads[i]
     offset_range: Annotated[float, Field(gt=0)] = 2.0  # max |offset| in tokens (tanh-bounded)
-    offset_kernel: PositiveInt = 5  # depthwise conv kernel of the offset network, odd
+    offset_kernel: PositiveInt = 3  # depthwise conv kernel of the offset network, odd
 
 
 class MemoryConfig(_Section):
@@ -50,7 +50,7 @@ class ModelConfig(_Section):
     name: ModelName = "datswinlstm_memory"
     in_channels: PositiveInt = 1
     embed_dim: PositiveInt = 32  # tokens' channels at the first stage; stage i has embed_dim * 2^i
-    patch_size: PositiveInt = 4  # pixels per token side (ConvLSTM: space-to-depth factor)
+    patch_size: PositiveInt = 8  # pixels per token side (ConvLSTM: space-to-depth factor); 4 = published
     window_size: PositiveInt = 4  # attention window side, in tokens
     depths_down: Annotated[list[PositiveInt], Field(min_length=1)] = [2, 2]  # blocks per down stage, shallow first
     depths_up: Annotated[list[PositiveInt], Field(min_length=1)] = [2, 2]  # blocks per up stage, deepest first
@@ -113,7 +113,7 @@ class ModelConfig(_Section):
         if self.name == "convlstm":
             rule = f"{prefix}.patch_size = {m}"
         else:
-            rule = f"{prefix}.patch_size x {prefix}.window_size x 2^(stages-1, stages = len({prefix}.depths_down)) = {m}"
-        raise ValueError(
-            f"frame {height}x{width} is not divisible by {rule}; change those keys or windows.downsample"
-        )
+            rule = (
+                f"{prefix}.patch_size x {prefix}.window_size x 2^(stages-1, stages = len({prefix}.depths_down)) = {m}"
+            )
+        raise ValueError(f"frame {height}x{width} is not divisible by {rule}; change those keys or windows.downsample")

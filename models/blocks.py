@@ -1,0 +1,264 @@
+"""Building blocks shared by the Swin-style recurrent models.
+
+Token maps are channels-last, ``(B, H, W, C)``, where H and W count tokens
+(pixels / patch_size). Window helpers work on any H, W that are multiples of
+the window side; nothing loops over pixels or heads.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+# Added to the logits of key/query pairs that come from different regions of a
+# cyclically shifted map. Finite (not -inf) so fp16 stays NaN-free; softmax
+# still gives them ~exp(-100) = 0 weight.
+MASK_VALUE = -100.0
+
+
+# ----------------------------------------------------------------- regularisers
+class DropPath(nn.Module):
+    """Stochastic depth: zero a whole residual branch per sample with probability ``p``."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+        mask = torch.empty(shape, device=x.device, dtype=x.dtype).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+class Mlp(nn.Module):
+    """Transformer feed-forward: Linear -> GELU -> Linear, with dropout."""
+
+    def __init__(self, dim: int, hidden: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.fc2(self.drop(F.gelu(self.fc1(x)))))
+
+
+# ------------------------------------------------------------------- windowing
+def window_partition(x: Tensor, window: int) -> Tensor:
+    """(B, H, W, C) -> (B * nW, window * window, C), windows in row-major order."""
+    B, H, W, C = x.shape
+    x = x.view(B, H // window, window, W // window, window, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window * window, C)
+
+
+def window_reverse(windows: Tensor, window: int, height: int, width: int) -> Tensor:
+    """Inverse of :func:`window_partition`: (B * nW, window * window, C) -> (B, H, W, C)."""
+    C = windows.shape[-1]
+    x = windows.view(-1, height // window, width // window, window, window, C)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, C)
+
+
+def shift_sizes(height: int, width: int, window: int, shifted: bool) -> tuple[int, int]:
+    """Cyclic shift per axis for a shifted-window block; 0 along an axis that holds a single window."""
+    if not shifted:
+        return 0, 0
+    return (window // 2 if height > window else 0), (window // 2 if width > window else 0)
+
+
+def shifted_window_mask(
+    height: int, width: int, window: int, shift_h: int, shift_w: int, device: torch.device
+) -> Tensor:
+    """Additive mask (nW, N, N) for a map rolled by (-shift_h, -shift_w); N = window^2.
+
+    After the roll, a window at the bottom/right edge holds tokens from up to
+    three regions that were not neighbours; pairs from different regions get
+    :data:`MASK_VALUE`. Built from shapes with tensor ops only (no host sync).
+    """
+    rows = torch.arange(height, device=device)
+    cols = torch.arange(width, device=device)
+    # region label per row/col: 0 = untouched, 1 = last window before the seam, 2 = wrapped part
+    label_h = (rows >= height - window).long() + (rows >= height - shift_h).long() if shift_h else rows * 0
+    label_w = (cols >= width - window).long() + (cols >= width - shift_w).long() if shift_w else cols * 0
+    labels = (label_h[:, None] * 3 + label_w[None, :]).view(1, height, width, 1).float()
+    labels = window_partition(labels, window).squeeze(-1)  # (nW, N)
+    different = labels[:, :, None] != labels[:, None, :]  # (nW, N, N)
+    return different.float() * MASK_VALUE
+
+
+# ------------------------------------------------------------------- attention
+class WindowAttention(nn.Module):
+    """Swin (shifted) window multi-head self-attention with a relative position bias table.
+
+    Promise: (B, H, W, C) -> (B, H, W, C) for H, W multiples of ``window``.
+    """
+
+    def __init__(self, dim: int, heads: int, window: int, shifted: bool, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.heads, self.window, self.shifted, self.dropout = heads, window, shifted, dropout
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(dropout)
+        # one learnable bias per head and per relative offset (dy, dx) in [-(w-1), w-1]^2
+        self.bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
+        nn.init.trunc_normal_(self.bias_table, std=0.02)
+        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # (N, N, 2)
+        self.register_buffer("bias_index", rel[..., 0] * (2 * window - 1) + rel[..., 1], persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, H, W, C = x.shape
+        ws, nh = self.window, self.heads
+        sh, sw = shift_sizes(H, W, ws, self.shifted)
+        if sh or sw:
+            x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
+        qkv = self.qkv(window_partition(x, ws))  # (B*nW, N, 3C)
+        q, k, v = qkv.view(qkv.shape[0], ws * ws, 3, nh, C // nh).permute(2, 0, 3, 1, 4)  # each (B*nW, nh, N, hd)
+
+        bias = self.bias_table[self.bias_index].permute(2, 0, 1)  # (nh, N, N)
+        if sh or sw:
+            mask = shifted_window_mask(H, W, ws, sh, sw, x.device)  # (nW, N, N)
+            bias = (bias[None] + mask[:, None]).repeat(B, 1, 1, 1)  # (B*nW, nh, N, N)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.dropout if self.training else 0.0
+        )  # (B*nW, nh, N, hd)
+        out = out.transpose(1, 2).reshape(-1, ws * ws, C)
+        x = window_reverse(self.proj_drop(self.proj(out)), ws, H, W)
+        if sh or sw:
+            x = torch.roll(x, shifts=(sh, sw), dims=(1, 2))
+        return x
+
+
+AttentionFactory = Callable[[int, int, bool], nn.Module]
+"""(dim, heads, shifted) -> a module mapping (B, H, W, C) -> (B, H, W, C)."""
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm transformer block: x + DropPath(Attn(LN x)); x + DropPath(MLP(LN x))."""
+
+    def __init__(self, dim: int, attention: nn.Module, mlp_ratio: float, dropout: float, drop_path: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = attention
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), dropout)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C)
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+# -------------------------------------------------------------- recurrent cell
+class SwinLSTMCell(nn.Module):
+    """The SwinLSTM cell (Tang et al. 2023) with pluggable window attention.
+
+    F = Blocks(Linear([LN(X_t); LN(H_{t-1})])), gate = sigmoid(F),
+    C_t = gate * (C_{t-1} + tanh F), H_t = gate * tanh(C_t).
+    Blocks alternate plain and shifted windows.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        depth: int,
+        heads: int,
+        make_attention: AttentionFactory,
+        mlp_ratio: float,
+        dropout: float,
+        drop_paths: list[float],
+    ) -> None:
+        super().__init__()
+        self.norm_x = nn.LayerNorm(dim)
+        self.norm_h = nn.LayerNorm(dim)
+        self.mix = nn.Linear(2 * dim, dim)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(dim, make_attention(dim, heads, i % 2 == 1), mlp_ratio, dropout, drop_paths[i])
+            for i in range(depth)
+        )
+
+    def forward(self, x: Tensor, state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """x: (B, H, W, C); state (H_{t-1}, C_{t-1}) or None (zeros). Returns H_t and (H_t, C_t)."""
+        if state is None:
+            h, c = torch.zeros_like(x), torch.zeros_like(x)
+        else:
+            h, c = state
+        f = self.mix(torch.cat([self.norm_x(x), self.norm_h(h)], dim=-1))  # (B, H, W, C)
+        for block in self.blocks:
+            f = block(f)
+        gate = torch.sigmoid(f)
+        c = gate * (c + torch.tanh(f))
+        h = gate * torch.tanh(c)
+        return h, (h, c)
+
+
+# ------------------------------------------------------- resolution changes
+class PatchEmbed(nn.Module):
+    """(B, C_in, H, W) pixels -> (B, H/p, W/p, D) tokens: each p x p patch flattened, Linear, LayerNorm.
+
+    The same map as a p x p stride-p convolution, written as space-to-depth + Linear.
+    """
+
+    def __init__(self, in_channels: int, dim: int, patch: int) -> None:
+        super().__init__()
+        self.patch = patch
+        self.proj = nn.Linear(in_channels * patch * patch, dim)
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        patches = F.pixel_unshuffle(x, self.patch).permute(0, 2, 3, 1)  # (B, H/p, W/p, C_in p^2)
+        return self.norm(self.proj(patches))
+
+
+class PatchMerging(nn.Module):
+    """(B, H, W, C) -> (B, H/2, W/2, 2C): concatenate each 2 x 2 neighbourhood, LayerNorm, Linear 4C -> 2C."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduce = nn.Linear(4 * dim, 2 * dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, H, W, C = x.shape
+        x = x.view(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).reshape(B, H // 2, W // 2, 4 * C)
+        return self.reduce(self.norm(x))
+
+
+class PatchExpanding(nn.Module):
+    """(B, H, W, C) -> (B, 2H, 2W, C/2): Linear C -> 2C, rearranged into a 2 x 2 neighbourhood, LayerNorm."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.expand = nn.Linear(dim, 2 * dim, bias=False)
+        self.norm = nn.LayerNorm(dim // 2)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, H, W, C = x.shape
+        x = self.expand(x).view(B, H, W, 2, 2, C // 2).permute(0, 1, 3, 2, 4, 5).reshape(B, 2 * H, 2 * W, C // 2)
+        return self.norm(x)
+
+
+class PixelHead(nn.Module):
+    """(B, H/p, W/p, D) tokens -> (B, C_out, H, W) pixels, for ANY patch size p.
+
+    LayerNorm, Linear D -> C_out * p^2, then pixel shuffle by exactly p: the
+    inverse of :class:`PatchEmbed`, so the output always matches the input size.
+    """
+
+    def __init__(self, dim: int, out_channels: int, patch: int) -> None:
+        super().__init__()
+        self.patch = patch
+        self.norm = nn.LayerNorm(dim)
+        self.proj = nn.Linear(dim, out_channels * patch * patch)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.proj(self.norm(x)).permute(0, 3, 1, 2)  # (B, C_out * p^2, H/p, W/p)
+        return F.pixel_shuffle(x, self.patch)  # (B, C_out, H, W)

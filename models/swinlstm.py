@@ -1,0 +1,133 @@
+"""SwinLSTM-D (Tang et al., ICCV 2023): a U-shaped stack of SwinLSTM cells.
+
+One recurrent step on frame x_t (B, C, H, W):
+
+    tokens = PatchEmbed(x_t)                        # (B, H/p, W/p, D)
+    down stage i (i = 0 .. S-1): SwinLSTM cell at D * 2^i channels, then
+        PatchMerging (except after the deepest stage)
+    [optional: fuse a memory map into the deepest hidden state]
+    up stage j (j = 0 .. S-1, deepest first): SwinLSTM cell, then
+        PatchExpanding + skip from the down stage at that resolution
+    prediction of x_{t+1} = PixelHead(tokens)       # (B, C, H, W), any patch size
+
+Every cell keeps its own (H, C) state across steps. Decoding is
+autoregressive: after the T_in inputs the model's own prediction is fed back
+for the remaining out_len - 1 steps. Spatial constraint: H and W multiples of
+patch_size * window_size * 2^(S-1) (see ModelConfig.spatial_multiple).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from models.base import Forecaster, check_input
+from models.blocks import (
+    AttentionFactory,
+    PatchEmbed,
+    PatchExpanding,
+    PatchMerging,
+    PixelHead,
+    SwinLSTMCell,
+    WindowAttention,
+)
+from models.config import ModelConfig
+from models.registry import register
+
+CellState = tuple[Tensor, Tensor]
+
+
+class SwinLSTMD(nn.Module):
+    """The SwinLSTM-D backbone, with pluggable attention and an optional deepest-state fusion.
+
+    ``make_attention(dim, heads, shifted)`` builds each block's attention;
+    ``deep_fusion(h, memory)``, if given, maps the deepest hidden state
+    (B, h, w, C_deep) and a memory map (B, h, w, C_mem) to a new hidden state.
+    """
+
+    def __init__(self, cfg: ModelConfig, make_attention: AttentionFactory, deep_fusion: nn.Module | None = None):
+        super().__init__()
+        self.cfg = cfg
+        S, D = cfg.stages, cfg.embed_dim
+        # stochastic depth rises linearly over all blocks, in the order data meets them
+        rates = iter(torch.linspace(0, cfg.drop_path, sum(cfg.depths_down) + sum(cfg.depths_up)).tolist())
+
+        def cell(dim: int, depth: int, heads: int) -> SwinLSTMCell:
+            paths = [next(rates) for _ in range(depth)]
+            return SwinLSTMCell(dim, depth, heads, make_attention, cfg.mlp_ratio, cfg.dropout, paths)
+
+        self.embed = PatchEmbed(cfg.in_channels, D, cfg.patch_size)
+        self.down = nn.ModuleList(cell(D * 2**i, cfg.depths_down[i], cfg.heads[i]) for i in range(S))
+        self.merge = nn.ModuleList(PatchMerging(D * 2**i) for i in range(S - 1))
+        self.up = nn.ModuleList(cell(D * 2 ** (S - 1 - j), cfg.depths_up[j], cfg.heads[S - 1 - j]) for j in range(S))
+        self.expand = nn.ModuleList(PatchExpanding(D * 2 ** (S - 1 - j)) for j in range(S - 1))
+        self.head = PixelHead(D, cfg.in_channels, cfg.patch_size)
+        self.apply(_init_weights)
+        self.deep_fusion = deep_fusion  # after init: it keeps its own initialisation
+
+    def step(
+        self, frame: Tensor, states: list[CellState | None], memory: Tensor | None
+    ) -> tuple[Tensor, list[CellState | None]]:
+        """One recurrent step: frame (B, C, H, W) -> prediction of the next frame (B, C, H, W)."""
+        S = self.cfg.stages
+        new_states: list[CellState | None] = []
+        x = self.embed(frame)  # (B, H/p, W/p, D)
+        skips = []
+        for i, cell in enumerate(self.down):
+            x, state = cell(x, states[i])  # (B, H/(p 2^i), W/(p 2^i), D 2^i)
+            if i == S - 1 and self.deep_fusion is not None and memory is not None:
+                x = self.deep_fusion(x, memory)  # memory enters the deepest recurrent state
+                state = (x, state[1])
+            new_states.append(state)
+            if i < S - 1:
+                skips.append(x)
+                x = self.merge[i](x)
+        for j, cell in enumerate(self.up):
+            x, state = cell(x, states[S + j])
+            new_states.append(state)
+            if j < S - 1:
+                x = self.expand[j](x) + skips[S - 2 - j]  # (B, 2h, 2w, C/2)
+        return self.head(x), new_states
+
+    def forward(self, x: Tensor, out_len: int, memory: Tensor | None = None) -> Tensor:
+        """(B, T_in, C, H, W) -> (B, out_len, C, H, W), autoregressive after the inputs."""
+        T = x.shape[1]
+        states: list[CellState | None] = [None] * (2 * self.cfg.stages)
+        preds: list[Tensor] = []
+        pred = x[:, 0]
+        for t in range(T + out_len - 1):
+            frame = x[:, t] if t < T else pred  # feed the inputs, then the model's own forecast
+            pred, states = self.step(frame, states, memory)  # (B, C, H, W): frame t + 1
+            if t >= T - 1:
+                preds.append(pred)
+        return torch.stack(preds, dim=1)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+@register("swinlstm")
+class SwinLSTM(Forecaster):
+    """SwinLSTM-D with shifted-window attention and a relative position bias table.
+
+    Uses ``model.embed_dim, patch_size, window_size, depths_down, depths_up,
+    heads, mlp_ratio, dropout, drop_path, in_channels``.
+    """
+
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+        def attention(dim: int, heads: int, shifted: bool) -> nn.Module:
+            return WindowAttention(dim, heads, cfg.window_size, shifted, cfg.dropout)
+
+        self.backbone = SwinLSTMD(cfg, attention)
+
+    def forward(self, x: Tensor, out_len: int, memory_x: Tensor | None = None, phase: int = 2) -> Tensor:
+        """(B, T_in, C, H, W) on 0-1 -> (B, out_len, C, H, W); memory_x and phase are ignored."""
+        check_input(x, self.cfg, out_len)
+        return self.backbone(x, out_len)
