@@ -21,7 +21,9 @@ pytestmark = pytest.mark.slow
 
 
 def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
+    # No MLFLOW_TRACKING_URI: the stages use their default store, <repo>/mlflow.db.
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    env["PATH"] = f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}"
     proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
     return proc
@@ -38,7 +40,7 @@ def project(tmp_path_factory) -> Path:
             (dest / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / name)
     params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["data"]["synthetic"].update(n_events=12, size=64, events_per_file=6)
+    params["data"]["synthetic"].update(n_events=12, size=128, events_per_file=6)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
         subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
@@ -50,13 +52,14 @@ def test_repro_builds_every_stage_output(project: Path):
     assert (project / "data/raw/CATALOG.csv").is_file()
     assert sorted(p.name for p in (project / "data/windows").glob("*.h5")) == ["test.h5", "train.h5", "val.h5"]
     sample = WindowDataset(project / "data/windows/train.h5")[0]
-    assert sample["inputs"].shape == (13, 1, 64, 64) and sample["targets"].shape == (12, 1, 64, 64)
+    assert sample["inputs"].shape == (13, 1, 128, 128) and sample["targets"].shape == (12, 1, 128, 128)
     assert (project / "reports/chunk_stats.json").is_file()
     assert (project / "dvc.lock").is_file()
 
 
 def test_repro_logs_each_stage_to_one_mlflow_parent_run(project: Path):
-    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    assert (project / "mlflow.db").is_file()
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     exp = client.get_experiment_by_name("sevir-nowcasting")
     stages = {r.info.run_name: r for r in client.search_runs([exp.experiment_id], filter_string="tags.`pipeline.stage` != ''")}
     assert {"fetch", "chunk"} <= set(stages)

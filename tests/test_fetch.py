@@ -10,7 +10,7 @@ from pipeline import fetch, sevir
 from pipeline.cli import run_stage
 from pipeline.config import SyntheticSource
 
-SMALL = {"n_events": 12, "size": 64, "events_per_file": 6}
+SMALL = {"n_events": 12, "size": 128, "events_per_file": 6}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +34,7 @@ def test_synthetic_source_writes_a_sevir_root(write_params, tmp_path):
     assert list(catalog.columns) == sevir.CATALOG_COLUMNS
     for name in sevir.vil_rows(catalog)["file_name"].unique():
         with sevir.VilFile(sevir.safe_join(tmp_path / "raw", name)) as f:
-            assert f.frame_shape == (64, 64) and f.n_frames == 49
+            assert f.frame_shape == (128, 128) and f.n_frames == 49
 
 
 def test_local_source_reads_in_place_without_copying(write_params, tmp_path, sevir_dir):
