@@ -239,6 +239,11 @@ def _stated_config(params: Path) -> tuple[Any, str]:
         return ModelConfig.model_validate(section), f"{params} 'model' section read directly ({why})"
 
 
+def _fit(size: int, multiple: int) -> int:
+    """The smallest multiple of ``multiple`` that is at least ``size``."""
+    return -(-size // multiple) * multiple
+
+
 def _with(cfg: Any, **update: Any) -> Any:
     """A validated copy of a (frozen) ModelConfig with some keys changed."""
     return type(cfg).model_validate({**cfg.model_dump(), **update})
@@ -440,6 +445,8 @@ def main(argv: list[str] | None = None) -> int:
                         kind="ours",
                         case=name,
                         config="stated",
+                        # the stated config may need larger frames than --size (patch x window x 2^stages)
+                        size=_fit(args.size, _with(stated, name=name).spatial_multiple()),
                         model_cfg=_with(stated, name=name).model_dump(mode="json"),
                         phase=args.phase if name == "datswinlstm_memory" else 2,
                     )
@@ -509,10 +516,10 @@ def _report(results: list[dict[str, Any]], devices: list[str], args: argparse.Na
         mem_head = "peak MiB (cuda alloc)" if device == "cuda" else "peak MiB (rise / RSS)"
         print(
             f"\n{device.upper()} — forward+backward of the whole sequence, batch {rows[0]['batch']}, "
-            f"{rows[0]['size']}x{rows[0]['size']}, T_in {rows[0]['in_len']} -> T_out {rows[0]['out_len']}"
+            f"T_in {rows[0]['in_len']} -> T_out {rows[0]['out_len']}; frame side per row in 'size'"
         )
         head = (
-            f"{'model':<22}{'config':<13}{'variant':<14}{'params':>10}{'ms/step':>11}{'samples/s':>11}"
+            f"{'model':<22}{'config':<13}{'size':>5} {'variant':<14}{'params':>10}{'ms/step':>11}{'samples/s':>11}"
             f"{'vs fp32':>9}  {mem_head}"
         )
         print(head)
@@ -545,12 +552,12 @@ def _report(results: list[dict[str, Any]], devices: list[str], args: argparse.Na
         for k in keys:
             a = agg[k]
             if "error" in a:
-                print(f"{k[0]:<22}{k[1]:<13}{k[2]:<14}  ERROR {a['error']}")
+                print(f"{k[0]:<22}{k[1]:<13}{'':>5} {k[2]:<14}  ERROR {a['error']}")
                 continue
             fp32 = agg.get((k[0], k[1], "fp32"))
             sp = f"{fp32['median_s'] / a['median_s']:.2f}x" if fp32 and "error" not in fp32 else "-"
             print(
-                f"{k[0]:<22}{k[1]:<13}{k[2]:<14}{a['params']:>10,}{a['median_s'] * 1e3:>11.0f}"
+                f"{k[0]:<22}{k[1]:<13}{a['size']:>5} {k[2]:<14}{a['params']:>10,}{a['median_s'] * 1e3:>11.0f}"
                 f"{a['samples_per_s']:>11.2f}{sp:>9}  {_mib(a, device)}"
             )
         dev_sum: dict[str, Any] = {

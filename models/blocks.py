@@ -95,6 +95,41 @@ def shifted_window_mask(
 
 
 # ------------------------------------------------------------------- attention
+def window_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, dropout_p: float) -> Tensor:
+    """softmax(q k^T / sqrt(hd) + bias [+ mask]) v over windows; q, k, v (B*nW, nh, N, hd) -> (B*nW, nh, N, hd).
+
+    ``bias``: (nh, N, N) or (B*nW, nh, N, N), the relative-position bias; ``mask``: (nW, N, N) or None,
+    the shifted-window mask, shared by every sample. Windows are ordered sample-major, as
+    :func:`window_partition` makes them.
+
+    Two paths with the same result (to float rounding):
+
+    - CPU with autograd on: the attention written out. The learnable bias needs a gradient, and
+      PyTorch's fast CPU ``scaled_dot_product_attention`` kernel refuses a mask that requires grad:
+      it falls back to a slower composite path with extra checks (measured ~1.3x slower step on the
+      Moving-MNIST config). The mask is added by a broadcasting view, not a copy per sample.
+    - otherwise (CUDA, or no grad): ``F.scaled_dot_product_attention`` with the summed mask.
+
+    The choice depends on the device type and the grad mode only: static under ``torch.compile``, no sync.
+    """
+    nh, N = q.shape[1], q.shape[2]
+    if q.device.type == "cpu" and torch.is_grad_enabled():
+        attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + bias  # (B*nW, nh, N, N)
+        if mask is not None:
+            attn = (attn.view(-1, mask.shape[0], nh, N, N) + mask[:, None]).view(-1, nh, N, N)
+        attn = attn.softmax(dim=-1)
+        if dropout_p > 0.0:
+            attn = F.dropout(attn, dropout_p)
+        return attn @ v
+    if mask is not None:
+        nW = mask.shape[0]
+        if bias.ndim == 3:  # (nh, N, N): the same for every window of every sample
+            bias = (bias[None] + mask[:, None]).repeat(q.shape[0] // nW, 1, 1, 1)  # (B*nW, nh, N, N)
+        else:
+            bias = (bias.view(-1, nW, nh, N, N) + mask[:, None]).view(-1, nh, N, N)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p)
+
+
 class WindowAttention(nn.Module):
     """Swin (shifted) window multi-head self-attention with a relative position bias table.
 
@@ -124,12 +159,8 @@ class WindowAttention(nn.Module):
         q, k, v = qkv.view(qkv.shape[0], ws * ws, 3, nh, C // nh).permute(2, 0, 3, 1, 4)  # each (B*nW, nh, N, hd)
 
         bias = self.bias_table[self.bias_index].permute(2, 0, 1)  # (nh, N, N)
-        if sh or sw:
-            mask = shifted_window_mask(H, W, ws, sh, sw, x.device)  # (nW, N, N)
-            bias = (bias[None] + mask[:, None]).repeat(B, 1, 1, 1)  # (B*nW, nh, N, N)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=bias.to(q.dtype), dropout_p=self.dropout if self.training else 0.0
-        )  # (B*nW, nh, N, hd)
+        mask = shifted_window_mask(H, W, ws, sh, sw, x.device) if sh or sw else None  # (nW, N, N)
+        out = window_attention(q, k, v, bias, mask, self.dropout if self.training else 0.0)  # (B*nW, nh, N, hd)
         out = out.transpose(1, 2).reshape(-1, ws * ws, C)
         x = window_reverse(self.proj_drop(self.proj(out)), ws, H, W)
         if sh or sw:

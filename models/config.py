@@ -49,12 +49,14 @@ class MemoryConfig(_Section):
 class ModelConfig(_Section):
     name: ModelName = "datswinlstm_memory"
     in_channels: PositiveInt = 1
-    embed_dim: PositiveInt = 32  # tokens' channels at the first stage; stage i has embed_dim * 2^i
+    embed_dim: PositiveInt = 32  # tokens' channels at the first stage; down stage i has embed_dim * 2^i
     patch_size: PositiveInt = 8  # pixels per token side (ConvLSTM: space-to-depth factor); 4 = published
     window_size: PositiveInt = 4  # attention window side, in tokens
     depths_down: Annotated[list[PositiveInt], Field(min_length=1)] = [2, 2]  # blocks per down stage, shallow first
     depths_up: Annotated[list[PositiveInt], Field(min_length=1)] = [2, 2]  # blocks per up stage, deepest first
-    heads: Annotated[list[PositiveInt], Field(min_length=1)] = [4, 8]  # attention heads per stage, shallow first
+    # attention heads per stage, shallow first: down stage i (embed_dim * 2^i channels) and up stage S-1-i
+    # (embed_dim * 2^(i+1) channels, one level deeper: the bottom up stage uses heads[-1]) use heads[i]
+    heads: Annotated[list[PositiveInt], Field(min_length=1)] = [4, 8]
     mlp_ratio: Annotated[float, Field(gt=0)] = 4.0
     dropout: Fraction = 0.0  # attention, projection and MLP dropout
     drop_path: Fraction = 0.1  # stochastic depth, rising linearly to this over all blocks
@@ -76,6 +78,8 @@ class ModelConfig(_Section):
             if self.convlstm.kernel_size % 2 == 0:
                 raise ValueError(f"model.convlstm.kernel_size = {self.convlstm.kernel_size} must be odd")
             return self
+        # heads[i] serves embed_dim * 2^i (down stage i) and embed_dim * 2^(i+1) (up stage S-1-i), so
+        # dividing the first divides the second
         for i, heads in enumerate(self.heads):
             dim = self.embed_dim * 2**i
             if dim % heads:
@@ -97,13 +101,14 @@ class ModelConfig(_Section):
         """Frame height and width must be multiples of this.
 
         ConvLSTM: ``patch_size`` (space-to-depth). Swin models:
-        ``patch_size * window_size * 2^(stages - 1)``, because the token grid
-        (H / patch_size) is halved by each of the ``stages - 1`` patch mergings
-        and every stage's grid must tile into whole windows.
+        ``patch_size * window_size * 2^stages``, because the token grid
+        (H / patch_size) is halved by each of the ``stages`` patch mergings
+        (one after every down stage) and every grid, the bottom one included,
+        must tile into whole windows.
         """
         if self.name == "convlstm":
             return self.patch_size
-        return self.patch_size * self.window_size * 2 ** (self.stages - 1)
+        return self.patch_size * self.window_size * 2**self.stages
 
     def check_frame_size(self, height: int, width: int, prefix: str = "model") -> None:
         """Raise ValueError naming the keys when (height, width) cannot go through this model."""
@@ -113,7 +118,5 @@ class ModelConfig(_Section):
         if self.name == "convlstm":
             rule = f"{prefix}.patch_size = {m}"
         else:
-            rule = (
-                f"{prefix}.patch_size x {prefix}.window_size x 2^(stages-1, stages = len({prefix}.depths_down)) = {m}"
-            )
+            rule = f"{prefix}.patch_size x {prefix}.window_size x 2^stages (stages = len({prefix}.depths_down)) = {m}"
         raise ValueError(f"frame {height}x{width} is not divisible by {rule}; change those keys or windows.downsample")

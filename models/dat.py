@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.blocks import shift_sizes, shifted_window_mask, window_partition, window_reverse
+from models.blocks import shift_sizes, shifted_window_mask, window_attention, window_partition, window_reverse
 
 
 class DeformableWindowAttention(nn.Module):
@@ -101,16 +101,9 @@ class DeformableWindowAttention(nn.Module):
         table = self.bias_table.view(G, nh // G, 2 * ws - 1, 2 * ws - 1).repeat(B, 1, 1, 1)
         bias = F.grid_sample(table.float(), table_grid, mode="bilinear", padding_mode="border", align_corners=True)
         bias = bias.view(B, G, nh // G, nW, N, N).permute(0, 3, 1, 2, 4, 5).reshape(B * nW, nh, N, N)
-        if sh or sw:
-            bias = bias + shifted_window_mask(H, W, ws, sh, sw, x.device).repeat(B, 1, 1)[:, None]
-
-        q_h = heads_of(q)
-        out = F.scaled_dot_product_attention(
-            q_h,
-            heads_of(k),
-            heads_of(v),
-            attn_mask=bias.to(q_h.dtype),
-            dropout_p=self.dropout if self.training else 0.0,
+        mask = shifted_window_mask(H, W, ws, sh, sw, x.device) if sh or sw else None  # (nW, N, N)
+        out = window_attention(
+            heads_of(q), heads_of(k), heads_of(v), bias, mask, self.dropout if self.training else 0.0
         )  # (B*nW, nh, N, hd)
         out = window_reverse(self.proj_drop(self.proj(out.transpose(1, 2).reshape(-1, N, C))), ws, H, W)
         if sh or sw:

@@ -4,7 +4,9 @@ The backbone is :class:`models.swinlstm.SwinLSTMD` whose blocks use
 :class:`models.dat.DeformableWindowAttention`. Once per sequence a motion
 query (:class:`models.memory.MotionQuery`) addresses the memory bank; the
 recalled map is fused into the deepest cell's hidden state at every step
-through a sigmoid channel gate (:class:`models.memory.GatedFusion`).
+through a sigmoid channel gate (:class:`models.memory.GatedFusion`): the bottom
+up cell, below the last patch merging, at embed_dim * 2^stages channels on the
+(H / (patch 2^stages), W / (patch 2^stages)) grid, where the query is made.
 
 Two-phase training, two optimiser steps per batch (as the published script)::
 
@@ -62,9 +64,9 @@ class DATSwinLSTMMemory(Forecaster):
                 dim, heads, cfg.window_size, shifted, dat.groups, dat.offset_range, dat.offset_kernel, cfg.dropout
             )
 
-        deep_dim = cfg.embed_dim * 2 ** (cfg.stages - 1)
+        deep_dim = cfg.embed_dim * 2**cfg.stages  # the bottom up cell, after all `stages` patch mergings
         self.backbone = SwinLSTMD(cfg, attention, deep_fusion=GatedFusion(deep_dim, mem.dim))
-        self.query = MotionQuery(cfg.in_channels, mem.dim, cfg.patch_size, cfg.stages - 1, mem.corr_radius)
+        self.query = MotionQuery(cfg.in_channels, mem.dim, cfg.patch_size, cfg.stages, mem.corr_radius)
         self.memory = MemoryBank(mem.slots, mem.dim)
 
     def forward(self, x: Tensor, out_len: int, memory_x: Tensor | None = None, phase: int = 2) -> Tensor:

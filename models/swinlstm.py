@@ -3,17 +3,22 @@
 One recurrent step on frame x_t (B, C, H, W):
 
     tokens = PatchEmbed(x_t)                        # (B, H/p, W/p, D)
-    down stage i (i = 0 .. S-1): SwinLSTM cell at D * 2^i channels, then
-        PatchMerging (except after the deepest stage)
-    [optional: fuse a memory map into the deepest hidden state]
-    up stage j (j = 0 .. S-1, deepest first): SwinLSTM cell, then
-        PatchExpanding + skip from the down stage at that resolution
+    down stage i (i = 0 .. S-1): SwinLSTM cell at D * 2^i channels (heads[i]),
+        output kept as skip i, then PatchMerging -> D * 2^(i+1) channels, half the grid
+    up stage j (j = 0 .. S-1, deepest first): SwinLSTM cell at D * 2^(S-j) channels
+        (heads[S-1-j]: the bottom, D * 2^S, uses heads[-1]), then
+        PatchExpanding -> D * 2^(S-j-1) channels, twice the grid, + skip S-1-j
+    [optional, after up cell 0: fuse a memory map into the bottom hidden state,
+     grid (H / (p 2^S), W / (p 2^S)), D * 2^S channels: the deepest recurrent state]
     prediction of x_{t+1} = PixelHead(tokens)       # (B, C, H, W), any patch size
 
-Every cell keeps its own (H, C) state across steps. Decoding is
-autoregressive: after the T_in inputs the model's own prediction is fed back
-for the remaining out_len - 1 steps. Spatial constraint: H and W multiples of
-patch_size * window_size * 2^(S-1) (see ModelConfig.spatial_multiple).
+This is the layout of the paper and of the public code (SwinLSTM_D.py): a
+merge after every down stage and an expand after every up stage, so the up
+cells run one level below the down cells. Every cell keeps its own (H, C)
+state across steps. Decoding is autoregressive: after the T_in inputs the
+model's own prediction is fed back for the remaining out_len - 1 steps.
+Spatial constraint: H and W multiples of patch_size * window_size * 2^S
+(see ModelConfig.spatial_multiple): the bottom grid must tile into windows.
 """
 
 from __future__ import annotations
@@ -41,8 +46,9 @@ class SwinLSTMD(nn.Module):
     """The SwinLSTM-D backbone, with pluggable attention and an optional deepest-state fusion.
 
     ``make_attention(dim, heads, shifted)`` builds each block's attention;
-    ``deep_fusion(h, memory)``, if given, maps the deepest hidden state
-    (B, h, w, C_deep) and a memory map (B, h, w, C_mem) to a new hidden state.
+    ``deep_fusion(h, memory)``, if given, maps the deepest hidden state (the
+    bottom up cell's, (B, H/(p 2^S), W/(p 2^S), D 2^S)) and a memory map
+    (B, h, w, C_mem) on the same grid to a new hidden state.
     """
 
     def __init__(self, cfg: ModelConfig, make_attention: AttentionFactory, deep_fusion: nn.Module | None = None):
@@ -58,9 +64,9 @@ class SwinLSTMD(nn.Module):
 
         self.embed = PatchEmbed(cfg.in_channels, D, cfg.patch_size)
         self.down = nn.ModuleList(cell(D * 2**i, cfg.depths_down[i], cfg.heads[i]) for i in range(S))
-        self.merge = nn.ModuleList(PatchMerging(D * 2**i) for i in range(S - 1))
-        self.up = nn.ModuleList(cell(D * 2 ** (S - 1 - j), cfg.depths_up[j], cfg.heads[S - 1 - j]) for j in range(S))
-        self.expand = nn.ModuleList(PatchExpanding(D * 2 ** (S - 1 - j)) for j in range(S - 1))
+        self.merge = nn.ModuleList(PatchMerging(D * 2**i) for i in range(S))
+        self.up = nn.ModuleList(cell(D * 2 ** (S - j), cfg.depths_up[j], cfg.heads[S - 1 - j]) for j in range(S))
+        self.expand = nn.ModuleList(PatchExpanding(D * 2 ** (S - j)) for j in range(S))
         self.head = PixelHead(D, cfg.in_channels, cfg.patch_size)
         self.apply(_init_weights)
         self.deep_fusion = deep_fusion  # after init: it keeps its own initialisation
@@ -75,18 +81,16 @@ class SwinLSTMD(nn.Module):
         skips = []
         for i, cell in enumerate(self.down):
             x, state = cell(x, states[i])  # (B, H/(p 2^i), W/(p 2^i), D 2^i)
-            if i == S - 1 and self.deep_fusion is not None and memory is not None:
+            new_states.append(state)
+            skips.append(x)
+            x = self.merge[i](x)  # (B, H/(p 2^(i+1)), W/(p 2^(i+1)), D 2^(i+1))
+        for j, cell in enumerate(self.up):
+            x, state = cell(x, states[S + j])  # (B, H/(p 2^(S-j)), W/(p 2^(S-j)), D 2^(S-j))
+            if j == 0 and self.deep_fusion is not None and memory is not None:
                 x = self.deep_fusion(x, memory)  # memory enters the deepest recurrent state
                 state = (x, state[1])
             new_states.append(state)
-            if i < S - 1:
-                skips.append(x)
-                x = self.merge[i](x)
-        for j, cell in enumerate(self.up):
-            x, state = cell(x, states[S + j])
-            new_states.append(state)
-            if j < S - 1:
-                x = self.expand[j](x) + skips[S - 2 - j]  # (B, 2h, 2w, C/2)
+            x = self.expand[j](x) + skips[S - 1 - j]  # (B, 2h, 2w, C/2)
         return self.head(x), new_states
 
     def forward(self, x: Tensor, out_len: int, memory: Tensor | None = None) -> Tensor:

@@ -20,10 +20,12 @@ from pipeline.errors import ConfigError
 
 NAMES = ["convlstm", "swinlstm", "datswinlstm_memory"]
 
-# small enough for CPU tests, but every structural feature present (2 stages, shifted windows, groups, memory)
+# small enough for CPU tests, but every structural feature present (2 stages, shifted windows, groups, memory);
+# frames are multiples of patch 4 x window 2 x 2^2 stages = 32
 TINY = dict(
     embed_dim=16,
     patch_size=4,
+    window_size=2,
     depths_down=[2, 1],
     depths_up=[1, 2],
     heads=[2, 4],
@@ -102,7 +104,7 @@ def test_default_config_maps_a_default_sized_clip(name: str) -> None:
 @pytest.mark.parametrize("patch", [1, 2, 3, 4, 8])
 def test_pixel_head_restores_the_frame_for_any_patch_size(name: str, patch: int) -> None:
     cfg = tiny(name, patch_size=patch, window_size=2)
-    side = cfg.spatial_multiple() * 2  # patch * 2 * 2
+    side = cfg.spatial_multiple() * 2  # 2 * patch * window 2 * 2^2
     model = models.build(cfg).eval()
     with torch.no_grad():
         y = model(clip(1, 2, side, side + cfg.spatial_multiple()), 2)
@@ -242,6 +244,40 @@ def test_deformable_attention_with_zero_offsets_is_swin_window_attention() -> No
 
 
 @pytest.mark.parametrize("attention", ["swin", "dat"])
+@pytest.mark.parametrize("shifted", [False, True])
+def test_cpu_training_attention_path_matches_sdpa(attention: str, shifted: bool) -> None:
+    """With autograd on, CPU attention is written out (the fast SDPA kernel refuses a bias that needs a
+    gradient); without, it is F.scaled_dot_product_attention. Same numbers either way."""
+    torch.manual_seed(0)
+    if attention == "swin":
+        module = WindowAttention(16, 4, 4, shifted)
+    else:
+        module = DeformableWindowAttention(16, 4, 4, shifted, groups=2, offset_range=2.0, offset_kernel=3)
+        with torch.no_grad():
+            module.offset_head.weight.normal_(std=0.5)  # keys really move
+    x = torch.randn(3, 8, 12, 16)
+    written_out = module(x)
+    assert written_out.requires_grad
+    with torch.no_grad():
+        sdpa = module(x)
+    torch.testing.assert_close(written_out.detach(), sdpa, atol=1e-6, rtol=1e-5)
+
+
+def test_up_path_runs_one_level_below_the_down_path() -> None:
+    """As in the paper and the public SwinLSTM_D.py: merge after every down stage, expand after every up stage."""
+    cfg = tiny("datswinlstm_memory")
+    model = models.build(cfg)
+    backbone, D, S = model.backbone, cfg.embed_dim, cfg.stages
+    assert [cell.mix.out_features for cell in backbone.down] == [D * 2**i for i in range(S)]
+    assert [cell.mix.out_features for cell in backbone.up] == [D * 2 ** (S - j) for j in range(S)]
+    assert len(backbone.merge) == len(backbone.expand) == S
+    # the memory query lands on the bottom grid, where it is fused into the bottom up cell's state
+    query = model.query(clip(1, 3, 64, 96))
+    assert query.shape[1:3] == (64 // (cfg.patch_size * 2**S), 96 // (cfg.patch_size * 2**S))
+    assert backbone.deep_fusion.proj.out_features == D * 2**S
+
+
+@pytest.mark.parametrize("attention", ["swin", "dat"])
 def test_shifted_windows_do_not_mix_tokens_across_the_wrapped_seam(attention: str) -> None:
     torch.manual_seed(0)
     if attention == "swin":
@@ -332,9 +368,9 @@ def test_embed_dim_not_divisible_by_heads_names_both_keys() -> None:
 
 
 def test_frame_not_divisible_by_patch_window_stages_names_the_keys() -> None:
-    # default frames are 128: 128 % (8 * 3 * 2^1) != 0
+    # default frames are 128: 128 % (8 * 3 * 2^2) != 0
     message = _config_error({"name": "swinlstm", "patch_size": 8, "window_size": 3})
-    assert "model.patch_size" in message and "model.window_size" in message and "= 48" in message
+    assert "model.patch_size" in message and "model.window_size" in message and "= 96" in message
 
 
 def test_convlstm_frame_constraint_is_the_patch_size_only() -> None:
@@ -363,12 +399,13 @@ def test_spatial_multiple_formula() -> None:
         ModelConfig(
             name="swinlstm", patch_size=4, window_size=4, depths_down=[2, 2], depths_up=[2, 2]
         ).spatial_multiple()
-        == 32
+        == 64
     )
     cfg = ModelConfig(
         name="swinlstm", patch_size=2, window_size=8, depths_down=[1, 1, 1], depths_up=[1, 1, 1], heads=[1, 2, 4]
     )
-    assert cfg.spatial_multiple() == 2 * 8 * 4
+    assert cfg.spatial_multiple() == 2 * 8 * 8
+    assert ModelConfig().spatial_multiple() == 128  # the default params: 8 * 4 * 2^2, the default 128 frames
     with pytest.raises(ValidationError):
         ModelConfig(name="swinlstm", embed_dim=10, heads=[4, 8])
 

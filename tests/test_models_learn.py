@@ -13,7 +13,7 @@ IN_LEN, OUT_LEN, SIDE = 4, 2, 32
 TINY = dict(
     embed_dim=16,
     patch_size=4,
-    window_size=4,
+    window_size=2,  # SIDE 32 = patch 4 x window 2 x 2^2 stages
     depths_down=[2, 1],
     depths_up=[1, 2],
     heads=[2, 4],
