@@ -43,3 +43,14 @@ def _merge(base: dict, extra: dict) -> None:
             _merge(base[key], value)
         else:
             base[key] = value
+
+
+@pytest.fixture
+def one_torch_thread():
+    """Run a test with one intra-op torch thread, restoring the previous count afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -24,12 +24,8 @@ TINY = dict(
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():  # type: ignore[no-untyped-def]
+def _one_thread(one_torch_thread):  # type: ignore[no-untyped-def]
     """Tiny models are dispatch-bound: one intra-op thread is as fast, and immune to a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def moving_blobs(batch: int = 4, seed: int = 0) -> torch.Tensor:
