@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pipeline import config as config_mod
 from pipeline.cli import run_stage, setup_logging, stage_parser
-from pipeline.tracking import flatten, stage_run
+from pipeline.tracking import flatten, numeric_metrics, stage_run
 from pipeline.windows import write_windows
 
 STATS_PATH = Path("reports/chunk_stats.json")  # the stage's DVC metrics file (dvc.yaml)
@@ -28,16 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     with stage_run(cfg, "chunk", ("windows",)) as mlflow:
         mlflow.log_params(flatten("data.split", cfg.data.split))
         stats = write_windows(cfg.data.root, cfg.windows, cfg.data.split, stats_path=args.stats)
-        mlflow.log_metrics({k: float(v) for k, v in flatten("", stats).items() if _is_number(v)})
+        mlflow.log_metrics(numeric_metrics(stats))
         mlflow.log_artifact(str(args.stats))
 
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 if __name__ == "__main__":

@@ -58,6 +58,18 @@ def flatten(prefix: str, value: Any) -> dict[str, str]:
     return {prefix: json.dumps(value) if isinstance(value, list) else str(value)}
 
 
+def numeric_metrics(stats: Mapping[str, Any], prefix: str = "") -> dict[str, float]:
+    """Nested stats -> ``{"train.windows": 144.0, ...}``, keeping numbers only (MLflow metrics are floats)."""
+    out: dict[str, float] = {}
+    for key, value in stats.items():
+        name = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, Mapping):
+            out.update(numeric_metrics(value, name))
+        elif isinstance(value, int | float) and not isinstance(value, bool):
+            out[name] = float(value)
+    return out
+
+
 def pipeline_key(cfg: Config) -> str:
     """Identifies one pipeline run across its stage processes."""
     exp = os.environ.get("DVC_EXP_NAME")

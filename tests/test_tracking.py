@@ -103,3 +103,8 @@ def test_flatten_turns_sections_into_dotted_strings():
     flat = tracking.flatten("model", config.from_dict({}).model)
     assert flat["model.heads"] == "[4, 8]"
     assert flat["model.memory.slots"] == "100"
+
+
+def test_numeric_metrics_keep_numbers_under_dotted_names():
+    stats = {"train": {"windows": 144, "exceed_16": 0.3}, "frame_height": 128, "split": "train", "ok": True}
+    assert tracking.numeric_metrics(stats) == {"train.windows": 144.0, "train.exceed_16": 0.3, "frame_height": 128.0}
