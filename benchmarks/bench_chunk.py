@@ -6,7 +6,7 @@ Builds a SEVIR-format VIL file (uncompressed, contiguous, N x H x W x T uint8) a
 spreading its events over the three splits, then measures in one run:
 
   (a) a plain h5py read of the file, event by event (the floor any chunker pays);
-  (b) the chunk pipeline (pipeline.windows.write_windows) over the same file: MB/s of raw VIL
+  (b) the chunk pipeline (pipeline.sevir.windows.write_windows) over the same file: MB/s of raw VIL
       read and of split files written, and the ratio (b)/(a) (the target: >= 0.5);
   a per-step split of (b) (read, to time-major, stats, writes) in ms per event;
   peak RSS of a child process running (b) on a small and on a large file.
@@ -44,7 +44,8 @@ import pandas as pd
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline import sevir, windows  # noqa: E402
+from pipeline import sevir  # noqa: E402
+from pipeline.sevir import windows  # noqa: E402
 from pipeline.config import SplitConfig, WindowsConfig  # noqa: E402
 
 FILE_NAME = "vil/2019/SEVIR_VIL_STORMEVENTS_2019_0101_1231.h5"

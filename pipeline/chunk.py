@@ -4,7 +4,7 @@
 
 Splits the catalog's VIL events chronologically (data.split), cuts each event into
 input+target windows (windows.*) and writes one HDF5 file per split; see
-:mod:`pipeline.windows` for the file layout and the window rule.
+:mod:`pipeline.sevir.windows` for the file layout and the window rule.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 from pipeline import config as config_mod
 from pipeline.cli import run_stage, setup_logging, stage_parser
 from pipeline.tracking import flatten, numeric_metrics, stage_run
-from pipeline.windows import write_windows
+from pipeline.sevir.windows import write_windows
 
 STATS_PATH = Path("reports/chunk_stats.json")  # the stage's DVC metrics file (dvc.yaml)
 

@@ -33,7 +33,7 @@ class Section(BaseModel):
 
 # --------------------------------------------------------------------------- data
 class SyntheticSource(Section):
-    """The embedded SEVIR-format sample generator (pipeline.synthetic)."""
+    """The embedded SEVIR-format sample generator (pipeline.sevir.synthetic)."""
 
     n_events: PositiveInt = 100
     size: Annotated[int, Field(ge=16, le=1024)] = 128  # frame height = width, pixels

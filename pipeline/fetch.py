@@ -43,11 +43,11 @@ def fetch(cfg: Config) -> pd.DataFrame:
     data = cfg.data
     log.info("fetch: source=%s -> %s", data.source, data.root)
     if data.source == "synthetic":
-        from pipeline.synthetic import generate
+        from pipeline.sevir.synthetic import generate
 
         catalog = generate(data.root, data.synthetic, seed=data.seed)
     elif data.source == "s3":
-        from pipeline.s3 import fetch_s3
+        from pipeline.sevir.s3 import fetch_s3
 
         catalog = fetch_s3(data.root, data.s3)
     else:

@@ -22,10 +22,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import chunk, sevir, windows
+from pipeline import chunk, sevir
+from pipeline.sevir import windows
 from pipeline.cli import run_stage
 from pipeline.config import SplitConfig, WindowsConfig
-from pipeline.dataset import WindowDataset
+from pipeline.sevir.dataset import WindowDataset
 from pipeline.errors import DataError
 
 SIZE = 12
@@ -556,7 +557,7 @@ def test_a_killed_run_leaves_a_temporary_folder_that_the_next_run_removes(sample
     code = (
         "import os, signal, sys, datetime as dt\n"
         "from pathlib import Path\n"
-        "from pipeline import windows\n"
+        "from pipeline.sevir import windows\n"
         "from pipeline.config import SplitConfig, WindowsConfig\n"
         "real = windows.SplitWriter.append\n"
         "def append(self, *a):\n"
@@ -575,7 +576,7 @@ def test_a_killed_run_leaves_a_temporary_folder_that_the_next_run_removes(sample
 
 
 def test_a_run_leaves_the_temporary_folders_of_a_run_still_going_alone(sample, tmp_path, caplog):
-    caplog.set_level(logging.INFO, logger="pipeline.windows")
+    caplog.set_level(logging.INFO, logger="pipeline.sevir.windows")
     live = tmp_path / ".windows.tmp-0123abcd"
     live.mkdir()
     fd = os.open(tmp_path, os.O_RDONLY)  # what a run in progress holds: a shared lock on the parent

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.dataset import WindowDataset, make_loader, to_unit
+from pipeline.sevir.dataset import WindowDataset, make_loader, to_unit
 from pipeline.errors import DataError
 
 IN, OUT, H, W = 13, 12, 8, 8

@@ -12,7 +12,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from pipeline.dataset import WindowDataset
+from pipeline.sevir.dataset import WindowDataset
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

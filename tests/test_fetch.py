@@ -16,7 +16,7 @@ SMALL = {"n_events": 12, "size": 128, "events_per_file": 6}
 @pytest.fixture(scope="module")
 def sevir_dir(tmp_path_factory) -> Path:
     """A SEVIR directory somewhere else on disk, as a cluster's shared copy would be."""
-    from pipeline.synthetic import generate
+    from pipeline.sevir.synthetic import generate
 
     root = tmp_path_factory.mktemp("shared") / "sevir"
     generate(root, SyntheticSource(**SMALL), seed=3, progress=False)
@@ -48,7 +48,7 @@ def test_local_source_reads_in_place_without_copying(write_params, tmp_path, sev
 
 def test_local_source_feeds_chunk(write_params, tmp_path, sevir_dir):
     from pipeline import chunk
-    from pipeline.dataset import WindowDataset
+    from pipeline.sevir.dataset import WindowDataset
 
     params = _params(write_params, tmp_path, {"source": "local", "local": {"path": str(sevir_dir)}})
     assert run_stage(fetch.main, ["--params", str(params)]) == 0

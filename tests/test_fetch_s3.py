@@ -1,4 +1,4 @@
-"""pipeline.s3.fetch_s3 against a real S3 protocol server on loopback.
+"""pipeline.sevir.s3.fetch_s3 against a real S3 protocol server on loopback.
 
 A moto standalone server (in-process thread, free port on 127.0.0.1) holds a tiny
 SEVIR-format bucket: CATALOG.csv (21 columns, VIL and non-VIL rows) and small VIL h5
@@ -35,7 +35,7 @@ import pandas as pd
 import pytest
 from botocore.config import Config as BotoConfig
 
-from pipeline import s3
+from pipeline.sevir import s3
 from pipeline.config import S3Source
 from pipeline.errors import DataError
 from pipeline.sevir import CATALOG_COLUMNS, PROJ, SOURCE_ROOT_NAME, data_root_of, read_catalog
@@ -514,7 +514,7 @@ def test_partial_of_another_object_version_starts_over(
 KILLED_FETCH = """
 import json, sys
 from pathlib import Path
-import pipeline.s3 as s3
+import pipeline.sevir.s3 as s3
 from pipeline.config import S3Source
 s3.CHUNK_BYTES = 4096  # small reads, so bytes reach the .part file before the stall
 s3.fetch_s3(Path(sys.argv[1]), S3Source(**json.loads(sys.argv[2])), progress=False)

@@ -1,4 +1,4 @@
-"""Specification of the embedded SEVIR-format sample generator (pipeline.synthetic)."""
+"""Specification of the embedded SEVIR-format sample generator (pipeline.sevir.synthetic)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from pipeline import _fields, sevir, synthetic
+from pipeline import sevir
+from pipeline.sevir import _fields, synthetic
 from pipeline.config import SplitConfig, SyntheticSource
 
 SMALL = SyntheticSource(n_events=12, size=64)  # 49 frames, like SEVIR

@@ -1,4 +1,4 @@
-"""torch Dataset over the windows files written by stage chunk (see :mod:`pipeline.windows`).
+"""torch Dataset over the windows files written by stage chunk (see :mod:`pipeline.sevir.windows`).
 
 Scale: the files hold VIL as uint8 0-255. Items are float32 on the 0-1 scale (value / 255)
 unless ``raw=True``, which returns the uint8 0-255 tensors unchanged.
@@ -56,7 +56,7 @@ class WindowDataset(Dataset):
     ends where the stored window ends).
 
     The file stores each event once (``vil`` (events, frames, H, W)) and window ``i`` as a row and
-    a start (``window_event``, ``window_start``, see :mod:`pipeline.windows`): an item reads only
+    a start (``window_event``, ``window_start``, see :mod:`pipeline.sevir.windows`): an item reads only
     the frames it returns, in one call. The window index is loaded on construction (8 bytes a
     window); the HDF5 file is opened on first access, once per process (a DataLoader worker,
     forked or spawned, opens its own), so the dataset pickles and is safe with ``num_workers > 0``.

@@ -19,7 +19,7 @@ Events
     same catalog and byte-identical ``vil`` arrays.
 
 Fields
-    Radar-like VIL (see :mod:`pipeline._fields`): stratiform envelopes with embedded
+    Radar-like VIL (see :mod:`pipeline.sevir._fields`): stratiform envelopes with embedded
     convective cores that grow, decay and merge, carried by a smooth, slowly turning flow,
     textured by advected power-law noise. Persistence is a poor forecast; extrapolating
     the motion is better but not perfect. At the default 128 x 128 about 70 % of pixels
@@ -51,7 +51,7 @@ Events are generated and written one at a time, so memory stays at one event.
 
 CLI (a convenience; the fetch stage calls :func:`generate`)::
 
-    python -m pipeline.synthetic --out data/sample [--events 100 --size 128 --seed 0]
+    python -m pipeline.sevir.synthetic --out data/sample [--events 100 --size 128 --seed 0]
 """
 
 from __future__ import annotations
@@ -70,11 +70,12 @@ import numpy as np
 import pandas as pd
 from pydantic import ValidationError
 
-from pipeline import _fields, sevir
+from pipeline import sevir
+from pipeline.sevir import _fields
 from pipeline.cli import setup_logging
 from pipeline.config import SyntheticSource
 
-log = logging.getLogger("pipeline.synthetic")
+log = logging.getLogger("pipeline.sevir.synthetic")
 
 # NWS storm-event types of SEVIR's storm events, roughly in their proportions.
 EVENT_TYPES = ("Thunderstorm Wind", "Hail", "Flash Flood", "Heavy Rain", "Tornado")
@@ -324,7 +325,7 @@ def _catalog_rows(
 def main(argv: list[str] | None = None) -> None:
     defaults = SyntheticSource()
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline.synthetic", description="Write a synthetic SEVIR-format VIL sample."
+        prog="python -m pipeline.sevir.synthetic", description="Write a synthetic SEVIR-format VIL sample."
     )
     parser.add_argument("--out", type=Path, required=True, help="directory to write (replaced if it exists)")
     parser.add_argument(

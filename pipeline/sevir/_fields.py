@@ -1,4 +1,4 @@
-"""Radar-like VIL fields for the synthetic SEVIR sample (used by :mod:`pipeline.synthetic`).
+"""Radar-like VIL fields for the synthetic SEVIR sample (used by :mod:`pipeline.sevir.synthetic`).
 
 One event is a few storm *systems* (wide, weak stratiform envelopes) carrying
 short-lived convective *cores* (small, intense generalized-Gaussian blobs). Every

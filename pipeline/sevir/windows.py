@@ -58,7 +58,7 @@ from pipeline import sevir
 from pipeline.config import SplitConfig, WindowsConfig
 from pipeline.errors import DataError
 
-log = logging.getLogger("pipeline.windows")
+log = logging.getLogger("pipeline.sevir.windows")
 
 SPLITS = ("train", "val", "test")
 SCALE_NOTE = "uint8 0-255; divide by 255"
