@@ -49,7 +49,6 @@ from pipeline.training.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
-    unwrap,
 )
 from pipeline.training.data import EpochSampler, augment, heavy_weights, make_loader, to_device
 from pipeline.training.ema import EMA
@@ -553,10 +552,12 @@ class Trainer:
         bad = max(bad, -1)
         if distributed.any_rank(bad >= 0, self.dist):
             where = f"step {bad}" if bad >= 0 else "on another rank"
+            kept = (f"the last good checkpoint {self.last_path} (epoch {self.epoch}) is kept" if self.epoch
+                    else "no checkpoint of this run was written")  # fmt: skip
             raise NonFiniteLossError(
                 f"train.phase{self.phase}: non-finite loss or gradient at epoch {self.epoch + 1} {where} "
-                f"(model.name={self.cfg.model.name}, precision {self.precision}); the last good checkpoint "
-                f"{self.last_path} is kept. Lower train.phase{self.phase}.lr or set grad_clip"
+                f"(model.name={self.cfg.model.name}, precision {self.precision}); {kept}. "
+                f"Lower train.phase{self.phase}.lr or set train.phase{self.phase}.grad_clip"
             )
 
     @torch.no_grad()
@@ -598,35 +599,47 @@ class Trainer:
             log.info("train.batch_size = auto needs CUDA (it tries real steps until out of memory); using %d on %s",
                      CPU_AUTO_BATCH, self.device)  # fmt: skip
             return CPU_AUTO_BATCH
-        sample = train_ds[0]
-        snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        optimizer = build_optimizer(self.model, self.pcfg, exclude=self.frozen)
-
-        def try_step(b: int) -> None:
-            batch = {k: v.unsqueeze(0).expand(b, *v.shape).contiguous() for k, v in sample.items()}
-            batch = to_device(batch, self.device)
-            try:
-                steps = (1, 2) if self.two_step and self.pcfg.align else ((1,) if self.two_step else (2,))
-                for sp in steps:
-                    loss, _, _ = self._forward_loss(self.model, batch, sp)
-                    self.scaler.scale(loss).backward()
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                torch.cuda.synchronize(self.device)
-            finally:
-                optimizer.zero_grad(set_to_none=True)
-
+        try_step, restore = self.batch_probe(train_ds)
         try:
             size = find_batch_size(try_step, self.cfg.train.max_batch_size, at_most=len(train_ds))
         finally:
-            self.model.load_state_dict(snapshot)
-            del optimizer
-            torch.cuda.empty_cache()
+            restore()
         if self.dist.enabled:  # every rank trains the same batch: the smallest found
             t = torch.tensor([size], device=self.device)
             torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MIN)
             size = int(t.item())
         return size
+
+    def batch_probe(self, train_ds) -> tuple[Callable[[int], None], Callable[[], None]]:
+        """(try_step, restore): ``try_step(b)`` runs one real training step (every forward and backward
+        of a batch, AdamW steps included, so optimiser state counts) at batch ``b``, built from the first
+        training window; ``restore()`` puts the weights back and frees the probe's optimiser."""
+        sample = train_ds[0]
+        snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        optimizer = build_optimizer(self.model, self.pcfg, exclude=self.frozen)
+        steps = (1, 2) if self.two_step and self.pcfg.align else ((1,) if self.two_step else (2,))
+
+        def try_step(b: int) -> None:
+            batch = to_device({k: v.unsqueeze(0).expand(b, *v.shape).contiguous() for k, v in sample.items()},
+                              self.device)  # fmt: skip
+            try:
+                for step_phase in steps:
+                    loss, _, _ = self._forward_loss(self.model, batch, step_phase)
+                    loss.backward()
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+            finally:
+                optimizer.zero_grad(set_to_none=True)
+
+        def restore() -> None:
+            self.model.load_state_dict(snapshot)
+            optimizer.state.clear()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+
+        return try_step, restore
 
     # ------------------------------------------------------------------------------ artifacts
     def _log_artifacts(self, tracker: SafeTracker) -> None:
