@@ -290,6 +290,7 @@ class Trainer:
         self.finished = False
         self.stopped_early = False
         self.resumed_from = 0
+        self.checkpoint_s = 0.0  # time spent writing checkpoints in this process
         self._resume()
         # ----- wrappers (after loading weights)
         self.train_model: nn.Module = self.model
@@ -435,7 +436,9 @@ class Trainer:
             log.info("phase %d already finished (%s); nothing to train", self.phase, self.last_path)
         while not self.finished:
             metrics = self._train_epoch(tracker)
+            t_val = time.perf_counter()
             metrics.update(self._validate())
+            metrics["val_time_s"] = time.perf_counter() - t_val
             metrics = distributed.broadcast_object(metrics, self.dist)
             key = pcfg.best_key
             if key not in metrics:
@@ -453,7 +456,9 @@ class Trainer:
             self.stopped_early = bool(pcfg.early_stop_patience and self.bad_epochs >= pcfg.early_stop_patience)
             self.finished = self.epoch >= pcfg.epochs or self.stopped_early
             if self.dist.is_main:
+                t_ckpt = time.perf_counter()
                 self._write_checkpoints(improved)
+                self.checkpoint_s += time.perf_counter() - t_ckpt
                 tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=self.epoch)
                 log.info("phase %d epoch %d/%d: %s%s", self.phase, self.epoch, pcfg.epochs,
                          ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith(("train.loss", "val."))),
@@ -471,7 +476,8 @@ class Trainer:
         return FitResult(best_key=pcfg.best_key, best_score=self.best_score, best_epoch=self.best_epoch,
                          history=list(self.history), checkpoint=self.best_path, last_checkpoint=self.last_path,
                          batch_size=self.batch_size, stopped_early=self.stopped_early,
-                         resumed_from_epoch=self.resumed_from, config_hash=self.hash)  # fmt: skip
+                         resumed_from_epoch=self.resumed_from, config_hash=self.hash,
+                         extra={"checkpoint_s": self.checkpoint_s})  # fmt: skip
 
     def _train_epoch(self, tracker: SafeTracker) -> dict[str, float]:
         pcfg, device = self.pcfg, self.device
