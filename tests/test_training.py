@@ -223,6 +223,8 @@ def test_non_finite_loss_stops_with_epoch_and_step_keeps_the_checkpoint_and_fail
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: train.phase1: non-finite loss") and "epoch 1 step " in err
     assert last.read_bytes() == before
+    with pytest.raises(NonFiniteLossError, match="epoch 1 step"):  # what fit() raises for its callers
+        fit(config.load(bad), 1, tmp_path / "lib", progress=False)
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("sevir-nowcasting").experiment_id],
                               filter_string="attributes.run_name = 'train_phase1'", order_by=["attributes.start_time DESC"])  # fmt: skip
@@ -255,9 +257,9 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(sample, 
 
 # ------------------------------------------------------------------------------- scaling
 def test_auto_batch_size_finds_the_largest_real_step_under_a_memory_limit(sample, tmp_path):
+    from pipeline.sevir.dataset import WindowDataset
     from pipeline.training.batch_size import find_batch_size
     from pipeline.training.loop import Trainer
-    from pipeline.sevir.dataset import WindowDataset
 
     cfg = _cfg(sample, tmp_path)
     trainer = Trainer(cfg, 1, tmp_path / "phase1", progress=False)
