@@ -66,8 +66,9 @@ from pipeline.sevir import (
     atomic_file,
     read_catalog,
     safe_join,
-    vil_rows,
 )
+from pipeline.sevir import selection
+from pipeline.sevir.verify import verify_vil_files
 
 log = logging.getLogger("pipeline.fetch")
 
@@ -78,7 +79,6 @@ MAX_BACKOFF_S = 60.0
 STATE_DIR = ".fetch"
 BUCKET_CATALOG = "CATALOG.bucket.csv"
 MANIFEST_NAME = "manifest.json"
-_ROW = "__catalog_row"  # temporary column: position of a row in the bucket catalog
 
 _CATALOG_HINT = "check data.s3.bucket, data.s3.catalog_key and data.s3.endpoint_url"
 _DATA_HINT = "check data.s3.bucket/data_prefix (and data.s3.endpoint_url for a mirror)"
@@ -124,6 +124,7 @@ def fetch_s3(root: Path, cfg: S3Source, progress: bool = True, client: Any = Non
     if pointer.exists():
         log.info("removing %s (left by data.source: local)", pointer)
         pointer.unlink()
+    verify_vil_files(rows, root, "delete that file and rerun fetch; if it persists, check data.s3.bucket/data_prefix")
     with atomic_file(root / CATALOG_NAME) as tmp:
         rows.to_csv(tmp, index=False)
     log.info(
@@ -171,55 +172,10 @@ def read_bucket_catalog(path: Path, source: str) -> pd.DataFrame:
 
 
 def select_vil_rows(catalog: pd.DataFrame, cfg: S3Source, source: str = CATALOG_NAME) -> tuple[pd.DataFrame, list[str]]:
-    """Pick the catalog rows and files to fetch; return ``(rows, file_names)``.
-
-    Rows: :func:`pipeline.sevir.vil_rows` (VIL, no missing data, one per id) whose year is in
-    ``cfg.years`` (the ``vil/<year>/`` folder of ``file_name``, else the year of ``time_utc``)
-    and whose ``event_type`` is in ``cfg.event_types`` (case-insensitive; empty keeps all);
-    then the first ``cfg.max_events`` in time order (0 = all). Files: those the rows need,
-    in order of their first event, the first ``cfg.max_files`` (0 = all); rows in other
-    files are dropped. ``rows`` are the untouched catalog rows, in catalog order.
-    """
-    events = vil_rows(catalog.assign(**{_ROW: np.arange(len(catalog))}))
-    available_years = sorted(set(_event_years(events)))
-    available_types = sorted(set(events["event_type"].astype(str).str.strip()) - {""})
-    events = events[_event_years(events).isin(cfg.years)]
-    if cfg.event_types:
-        types = events["event_type"].astype(str).str.strip().str.lower()
-        for wanted in cfg.event_types:
-            if not (types == wanted.strip().lower()).any():
-                log.warning(
-                    "data.s3.event_types: %r matches no VIL event in the selected years; known types: %s",
-                    wanted,
-                    _join(available_types),
-                )
-        events = events[types.isin([t.strip().lower() for t in cfg.event_types])]
-    if cfg.max_events:
-        events = events.head(cfg.max_events)
-    files = list(dict.fromkeys(events["file_name"].astype(str)))
-    if cfg.max_files and len(files) > cfg.max_files:
-        log.info(
-            "data.s3.max_files = %d: keeping %d of %d files and the events in them",
-            cfg.max_files,
-            cfg.max_files,
-            len(files),
-        )
-        files = files[: cfg.max_files]
-        events = events[events["file_name"].isin(files)]
-    if events.empty:
-        raise DataError(
-            f"{source}: no VIL events match data.s3.years [{_join(cfg.years)}] and event_types "
-            f"[{_join(cfg.event_types) or 'all'}]; the catalog has VIL years [{_join(available_years)}] "
-            f"and event types [{_join(available_types)}]"
-        )
-    rows = catalog.iloc[np.sort(events[_ROW].to_numpy())]
-    return rows.reset_index(drop=True), files
-
-
-def _event_years(events: pd.DataFrame) -> pd.Series:
-    """Year of each event: the ``<type>/<year>/`` folder of its file, else its ``time_utc``."""
-    folder = events["file_name"].astype(str).str.extract(r"^[^/]+/(\d{4})/", expand=False)
-    return pd.to_numeric(folder, errors="coerce").fillna(events["time_utc"].dt.year).astype(int)
+    """Pick the catalog rows and files to fetch (``data.s3.years``, ``event_types``, ``max_events``,
+    ``max_files``); see :func:`pipeline.sevir.selection.select_vil_rows`."""
+    return selection.select_vil_rows(catalog, cfg.years, cfg.event_types, max_events=cfg.max_events,
+                                     max_files=cfg.max_files, source=source, keys="data.s3")  # fmt: skip
 
 
 # ------------------------------------------------------------------------ downloads
