@@ -65,12 +65,29 @@ class S3Source(Section):
     retries: NonNegInt = 5
     backoff_s: NonNegFloat = 1.0
     part_size_mb: PositiveInt = 16
+    concurrency: Annotated[int, Field(ge=1, le=64)] = 4  # VIL files downloaded at once (1 = one stream)
 
 
 class LocalSource(Section):
-    """An existing SEVIR directory (CATALOG.csv + vil/...), used in place without copying."""
+    """An existing SEVIR directory, used in place without copying.
+
+    Two layouts: the bucket's, as ``aws s3 sync s3://sevir DIR`` leaves it (``DIR/CATALOG.csv``,
+    files under ``DIR/data/vil/...``, catalog ``file_name`` relative to ``data/``), or flat
+    (``DIR/CATALOG.csv`` and ``DIR/vil/...``).
+    """
 
     path: Path | None = None
+    data_prefix: str | None = None  # folder under path that file_name is relative to; None = detect ("data" or "")
+    years: list[Annotated[int, Field(ge=2017, le=2030)]] = []  # empty keeps all years
+    event_types: list[str] = []  # catalog event_type values to keep; empty keeps all
+
+    @model_validator(mode="after")
+    def _prefix_is_relative(self) -> LocalSource:
+        if self.data_prefix is not None:
+            parts = self.data_prefix.replace("\\", "/").split("/")
+            if self.data_prefix.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+                raise ValueError(f"data.local.data_prefix must be a folder under data.local.path (got {self.data_prefix!r})")
+        return self
 
 
 class SplitConfig(Section):
@@ -94,6 +111,7 @@ class DataConfig(Section):
     s3: S3Source = S3Source()
     local: LocalSource = LocalSource()
     split: SplitConfig = SplitConfig()
+    lock_wait_s: NonNegFloat = 600.0  # a second fetch into the same root waits this long for the first, then stops
 
     @model_validator(mode="after")
     def _local_needs_path(self) -> DataConfig:
@@ -104,11 +122,16 @@ class DataConfig(Section):
 
 # ------------------------------------------------------------------------ windows
 class WindowsConfig(Section):
-    """How each 49-frame event is cut into input+target windows (stage chunk)."""
+    """How each 49-frame event is cut into input+target windows (stage chunk).
+
+    ``frame_step`` keeps every k-th frame of an event (1 = 5 min, 2 = 10 min); ``in_len``,
+    ``out_len``, ``stride`` and ``memory_len`` count the kept frames.
+    """
 
     in_len: PositiveInt = 13
     out_len: PositiveInt = 12
     stride: PositiveInt = 12
+    frame_step: Annotated[int, Field(ge=1, le=48)] = 1  # 1 = 5-minute frames; 2 = 10-minute (SEVIR-LR)
     memory_len: PositiveInt | None = None  # phase-1 long clip; None = in_len + out_len
     downsample: PositiveInt = 1  # spatial factor, e.g. 3 turns 384x384 into 128x128
     root: Path = Path("data/windows")
@@ -122,12 +145,19 @@ class WindowsConfig(Section):
     def long_len(self) -> int:
         return self.memory_len if self.memory_len is not None else self.window_len
 
+    @property
+    def event_frames(self) -> int:
+        """Frames of a 49-frame SEVIR event that are kept at ``frame_step`` (49, 25, 17, ...)."""
+        return (49 - 1) // self.frame_step + 1
+
     @model_validator(mode="after")
     def _fits(self) -> WindowsConfig:
-        if self.window_len > 49:
-            raise ValueError(f"windows.in_len + windows.out_len = {self.window_len} exceeds the 49 frames of a SEVIR event")
-        if self.memory_len is not None and not self.window_len <= self.memory_len <= 49:
-            raise ValueError(f"windows.memory_len must be between in_len + out_len ({self.window_len}) and 49")
+        n, step = self.event_frames, self.frame_step
+        of = f"the {n} frames a SEVIR event has at windows.frame_step = {step}" if step > 1 else "the 49 frames of a SEVIR event"
+        if self.window_len > n:
+            raise ValueError(f"windows.in_len + windows.out_len = {self.window_len} exceeds {of}")
+        if self.memory_len is not None and not self.window_len <= self.memory_len <= n:
+            raise ValueError(f"windows.memory_len must be between in_len + out_len ({self.window_len}) and {n} ({of})")
         return self
 
 
