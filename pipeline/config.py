@@ -200,7 +200,7 @@ class PhaseConfig(Section):
     balance_weights: list[PositiveFloat] = [1.0, 2.0, 5.0, 10.0, 30.0]
     align: bool = True  # memory models, phase 1: a phase-2 step on the same batch after each phase-1 step
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0  # 0 = off; else validate and save the EMA weights
-    best_key: str = "val.loss"  # the validation metric that picks best.pt and drives early stopping
+    best_key: str = "val.csi_m"  # the validation metric that picks best.pt and drives early stopping
     best_mode: Literal["auto", "min", "max"] = "auto"  # auto: min for loss/mse/mae keys, max otherwise
     early_stop_patience: NonNegInt = 0  # epochs without improvement of best_key before stopping; 0 = off
 
