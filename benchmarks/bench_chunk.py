@@ -266,7 +266,8 @@ def main() -> None:
               f"{span['b/a']:>18} {span['b/c']:>18} {median(r['cpu']):>7.1f} ms")  # fmt: skip
     print(f"\nbytes written / bytes read: {median(rows['warm']['w/r']):.2f}")
     print(f"\nchunk loop steps run one after another, wall ms per event (warm, median of {BREAKDOWN_EVENTS} events;")
-    print("the stage runs downsample + to-time-major + stats in a second thread, overlapping read and write):")
+    print(f"the stage runs downsample + to-time-major + stats in {windows.prepare_workers(WindowsConfig())} worker "
+          "thread(s) (windows.workers), overlapping read and write):")
     for step, ms in steps.items():
         print(f"  {step:<15} {ms:6.2f}")
     print(f"  {'total':<15} {sum(steps.values()):6.2f}")

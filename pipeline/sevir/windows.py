@@ -206,6 +206,7 @@ def count_pixels(frames: np.ndarray, scratch: np.ndarray | None = None) -> tuple
     flat = frames.reshape(-1)  # a view for the C-contiguous frames chunk hands over
     if scratch is None or scratch.size < min(flat.size, _STATS_BLOCK):
         scratch = np.empty(min(flat.size, _STATS_BLOCK), bool)
+    scratch = scratch.reshape(-1)
     counts = [0] * len(sevir.VIL_THRESHOLDS)
     for start in range(0, flat.size, _STATS_BLOCK):
         block = flat[start : start + _STATS_BLOCK]
