@@ -65,7 +65,7 @@ class S3Source(Section):
     retries: NonNegInt = 5
     backoff_s: NonNegFloat = 1.0
     part_size_mb: PositiveInt = 16
-    concurrency: Annotated[int, Field(ge=1, le=64)] = 4  # VIL files downloaded at once (1 = one stream)
+    concurrency: Annotated[int, Field(ge=1, le=64)] = 4  # connections at once: files in flight, else ranged parts of one
 
 
 class LocalSource(Section):

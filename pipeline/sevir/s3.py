@@ -14,9 +14,10 @@
   when the part size can be found). The digest is computed from the bytes as they
   stream in, so a finished file is not read again (a resumed one: only the part
   kept from before).
-* **Concurrent.** ``data.s3.concurrency`` files download at once, each in its own stream, with
-  all of the above per file; the first error stops the others between reads (their partial
-  files are kept for the next run).
+* **Concurrent.** ``data.s3.concurrency`` files download at once, each with all of the above;
+  when there are fewer files than that, each file is fetched as 8 MiB ranged parts by several
+  streams, appended in order (the partial file stays a prefix of the object). The first error
+  stops the other downloads between reads; their partial files are kept for the next run.
 * **Retried.** Transient failures (5xx, 429, connection errors, timeouts, cut
   streams) are retried with exponential backoff, resuming from the bytes kept.
   Anything a user must fix (404, 403, a bad catalog) is one :class:`DataError` line.
