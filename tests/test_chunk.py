@@ -23,11 +23,11 @@ import pandas as pd
 import pytest
 
 from pipeline import chunk, sevir
-from pipeline.sevir import windows
 from pipeline.cli import run_stage
 from pipeline.config import SplitConfig, WindowsConfig
-from pipeline.sevir.dataset import WindowDataset
 from pipeline.errors import DataError
+from pipeline.sevir import windows
+from pipeline.sevir.dataset import WindowDataset
 
 SIZE = 12
 REPO = Path(__file__).resolve().parents[1]

@@ -35,10 +35,9 @@ import pandas as pd
 import pytest
 from botocore.config import Config as BotoConfig
 
-from pipeline.sevir import s3
 from pipeline.config import S3Source
 from pipeline.errors import DataError
-from pipeline.sevir import CATALOG_COLUMNS, PROJ, SOURCE_ROOT_NAME, data_root_of, read_catalog
+from pipeline.sevir import CATALOG_COLUMNS, PROJ, SOURCE_ROOT_NAME, data_root_of, read_catalog, s3
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "sevir"

@@ -74,8 +74,8 @@ from pipeline.sevir import (
     atomic_file,
     read_catalog,
     safe_join,
+    selection,
 )
-from pipeline.sevir import selection
 from pipeline.sevir.verify import verify_vil_files
 
 log = logging.getLogger("pipeline.fetch")
