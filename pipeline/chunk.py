@@ -13,8 +13,8 @@ from pathlib import Path
 
 from pipeline import config as config_mod
 from pipeline.cli import run_stage, setup_logging, stage_parser
-from pipeline.tracking import flatten, numeric_metrics, stage_run
 from pipeline.sevir.windows import write_windows
+from pipeline.tracking import flatten, numeric_metrics, stage_run
 
 STATS_PATH = Path("reports/chunk_stats.json")  # the stage's DVC metrics file (dvc.yaml)
 

@@ -65,7 +65,7 @@ class S3Source(Section):
     retries: NonNegInt = 5
     backoff_s: NonNegFloat = 1.0
     part_size_mb: PositiveInt = 16
-    concurrency: Annotated[int, Field(ge=1, le=64)] = 4  # VIL files downloaded at once (1 = one stream)
+    concurrency: Annotated[int, Field(ge=1, le=64)] = 4  # connections at once: files in flight, else ranged parts of one
 
 
 class LocalSource(Section):
@@ -136,6 +136,7 @@ class WindowsConfig(Section):
     downsample: PositiveInt = 1  # spatial factor, e.g. 3 turns 384x384 into 128x128
     root: Path = Path("data/windows")
     chunk_events: PositiveInt = 1  # events read from h5 at once (bounds memory)
+    workers: Annotated[int, Field(ge=1, le=64)] | None = None  # threads preparing events; None = CPUs - 1, 2 to 4
 
     @property
     def window_len(self) -> int:
