@@ -150,7 +150,7 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, PatchEmbed):
+    elif isinstance(module, (PatchEmbed, PixelHead)):
         module.reset_parameters()
 
 

@@ -426,10 +426,46 @@ def test_spatial_multiple_formula() -> None:
 
 
 # ------------------------------------------------------------------- summary
-def test_summary_prints_and_writes_a_row_per_model(repo_root, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_summary_prints_and_writes_a_row_per_model(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "PARAMS.md"
-    assert summary_main(["--params", str(repo_root / "params.yaml"), "--markdown", str(out)]) == 0
+    assert summary_main(["--markdown", str(out)]) == 0
     printed = capsys.readouterr().out
     for name in NAMES:
         assert f"| {name} | " in printed
     assert printed in out.read_text()
+
+
+def test_summary_counts_a_preset(repo_root, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert summary_main(["--preset", str(repo_root / "presets" / "reference_sevir.yaml")]) == 0
+    printed = capsys.readouterr().out
+    assert "embed_dim 128, patch_size 4" in printed and "memory 100 x 512" in printed
+    row = next(line for line in printed.splitlines() if line.startswith("| datswinlstm_memory |"))
+    assert int(row.split("|")[2].replace(",", "")) > 10_000_000
+
+
+def test_summary_refuses_a_bad_preset_in_one_line(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  memory:\n    read: dot\n")
+    assert summary_main(["--preset", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "model.memory.read" in err
+
+
+def test_pipeline_summary_reads_params(repo_root, capsys) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.summary import main as pipeline_summary
+
+    pipeline_summary(["--params", str(repo_root / "params.yaml")])
+    assert "| datswinlstm_memory | " in capsys.readouterr().out
+
+
+def test_models_import_nothing_from_pipeline(repo_root) -> None:  # type: ignore[no-untyped-def]
+    import ast
+
+    offenders = []
+    for path in sorted((repo_root / "models").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n == "pipeline" or n.startswith("pipeline.")]
+    assert offenders == []
