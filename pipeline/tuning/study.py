@@ -144,10 +144,11 @@ def create_or_load(
             )
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     else:
-        study = optuna.create_study(
-            study_name=name, storage=storage, sampler=sampler, pruner=pruner, direction=search.direction,
-            load_if_exists=True,
-        )
+        with quiet_optuna():  # "Using an existing study ..." - we log our own line
+            study = optuna.create_study(
+                study_name=name, storage=storage, sampler=sampler, pruner=pruner, direction=search.direction,
+                load_if_exists=True,
+            )
     stored = study.user_attrs.get(ATTR_SPACE)
     if stored is None and create:
         study.set_user_attr(ATTR_SPACE, sig)
