@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     journal = workdir / study_mod.DEFAULT_JOURNAL.name
     storage = study_mod.open_storage(cfg.search, journal)
     desc = study_mod.describe_storage(cfg.search.storage, journal)
-    lock = None if study_mod.is_rdb_url(cfg.search.storage) else Path(f"{cfg.search.storage or journal}.workers.lock")
+    lock = study_mod.worker_lock(cfg.search.storage, journal)
     name = args.study or study_mod.study_name(cfg)
 
     if args.worker:

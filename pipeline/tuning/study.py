@@ -18,7 +18,8 @@ Workers run until the study holds ``n_trials`` finished trials (complete, pruned
 a killed worker's trials are found (its pid is gone on this host, or its heartbeat is older than
 ``grace_s``), marked failed with the reason, and retried up to ``max_retries`` times. On a journal
 the count-and-start step is serialised by a file lock, so N trials are exactly N however many
-workers run; on an RDB, up to one extra trial per concurrent worker may start.
+workers run; on PostgreSQL an advisory lock does the same across machines (other RDBs: up to one
+extra trial per concurrent worker may start).
 """
 
 from __future__ import annotations
@@ -62,6 +63,15 @@ _RDB_SCHEMES = ("postgresql", "mysql", "sqlite", "mssql", "oracle")
 
 def is_rdb_url(storage: str | None) -> bool:
     return bool(storage) and "://" in storage and storage.split("://", 1)[0].split("+")[0].lower() in _RDB_SCHEMES  # type: ignore[union-attr]
+
+
+def worker_lock(storage: str | None, journal: Path) -> Path | str | None:
+    """What serialises the count-and-start step: the journal's side lock file, or the PostgreSQL URL."""
+    if not storage:
+        return Path(f"{journal}.workers.lock")
+    if is_rdb_url(storage):
+        return storage if storage.lower().startswith("postgresql") else None
+    return Path(f"{storage}.workers.lock")
 
 
 def describe_storage(storage: str | None, journal: Path) -> str:
@@ -276,6 +286,32 @@ class _Once:
             fn()
 
 
+class _PgAdvisoryLock:
+    """A PostgreSQL advisory lock: makes the trial count exact across machines on a shared study."""
+
+    def __init__(self, url: str, key: str) -> None:
+        import sqlalchemy
+
+        self._engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+        self._key = zlib.crc32(key.encode()) & 0x7FFFFFFF
+        self._conn: Any = None
+
+    def acquire(self) -> None:
+        import sqlalchemy
+
+        self._conn = self._engine.connect()
+        self._conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": self._key})
+
+    def release(self) -> None:
+        import sqlalchemy
+
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            with contextlib.suppress(Exception):
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": self._key})
+            conn.close()
+
+
 class _NoLock:
     def acquire(self) -> None: ...
     def release(self) -> None: ...
@@ -293,7 +329,7 @@ class StudyRunner:
     study: optuna.Study
     search: SearchConfig
     objective: Callable[[optuna.Trial], float]
-    lock_path: Path | None = None
+    lock_path: Path | str | None = None  # a file (journal) or a postgresql:// URL (advisory lock)
     catch: tuple[type[BaseException], ...] = (PipelineError,)
     on_trial_end: Callable[[optuna.Study, FrozenTrial], None] | None = None
     ran: list[int] = field(default_factory=list)
@@ -301,6 +337,8 @@ class StudyRunner:
     def _lock(self) -> Any:
         if self.lock_path is None:
             return _NoLock()
+        if isinstance(self.lock_path, str) and self.lock_path.startswith("postgresql"):
+            return _PgAdvisoryLock(self.lock_path, f"optuna-study:{self.study.study_name}")
         from filelock import FileLock
 
         return FileLock(str(self.lock_path), timeout=600)

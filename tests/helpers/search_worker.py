@@ -34,7 +34,7 @@ def main() -> None:
     journal = Path(args.storage)
     storage = study_mod.open_storage(cfg.search, journal)
     desc = study_mod.describe_storage(cfg.search.storage, journal)
-    lock = None if study_mod.is_rdb_url(args.storage) else Path(f"{args.storage}.workers.lock")
+    lock = study_mod.worker_lock(args.storage, journal)
     study = study_mod.create_or_load(cfg, storage, desc, create=not args.join, worker_seed=study_mod.worker_seed(cfg.search))
 
     def objective(trial):
