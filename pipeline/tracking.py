@@ -272,6 +272,25 @@ def _end_parent(client: Any, parent: str, status: str) -> None:
         client.set_terminated(parent, status=status, end_time=int(time.time() * 1000))
 
 
+def ensure_experiment(cfg: Config) -> tuple[str, str]:
+    """The tracking store's URI and this project's experiment id (created and tagged if new)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from sqlalchemy.exc import SQLAlchemyError
+
+    shown_uri = tracking_uri(cfg.tracking.uri)
+    check_store_url(shown_uri, "tracking.uri")
+    uri = with_busy_timeout(shown_uri)
+    try:
+        with _store_lock(uri):
+            experiment_id = _experiment_id(MlflowClient(uri), cfg.tracking.experiment)
+            _enable_wal(uri)
+    except (mlflow.exceptions.MlflowException, OSError, SQLAlchemyError, ImportError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise PipelineError(f"tracking.uri = {redact(shown_uri)}: MLflow store not usable ({first}); fix tracking.uri or MLFLOW_TRACKING_URI") from None
+    return uri, experiment_id
+
+
 class _NoTracking:
     """Stands in for the ``mlflow`` module when ``tracking.enabled`` is false: every call is a no-op."""
 
