@@ -243,6 +243,22 @@ class PatchEmbed(nn.Module):
         self.patch = patch
         self.proj = nn.Linear(in_channels * patch * patch, dim)
         self.norm = nn.LayerNorm(dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialise as the p x p stride-p ``nn.Conv2d`` this stands for (PyTorch's default, as in Swin).
+
+        Weights and bias ~ U(+-1/sqrt(C_in p^2)): the bias makes the token of an all-zero patch a
+        non-constant vector. This is the root fix of the non-finite gradients on zero-dominant VIL
+        (issue 6): with a zero bias (the Swin init of a Linear) an all-zero patch gave an exactly zero
+        token, every later Linear (zero bias) and LayerNorm (beta 0) kept it exactly zero, and the
+        gradient of LayerNorm at an exactly constant input is 1/sqrt(eps) ~ 316 times its output's, so a
+        chain of some 30 of them overflowed float32. A non-degenerate token at the entry breaks the
+        chain at its only source; it is the published SwinLSTM's and DAT's own (Conv2d) initialisation,
+        so nothing is clamped and no normalisation is changed. A larger LayerNorm eps would not do:
+        at eps 1e-3 the chain still gains ~32x per norm (measured inf / 5e8).
+        """
+        self.proj.reset_parameters()  # nn.Linear's default init = nn.Conv2d's for the same fan-in
 
     def forward(self, x: Tensor) -> Tensor:
         patches = F.pixel_unshuffle(x, self.patch).permute(0, 2, 3, 1)  # (B, H/p, W/p, C_in p^2)

@@ -108,10 +108,21 @@ class SwinLSTMD(nn.Module):
 
 
 def _init_weights(module: nn.Module) -> None:
+    """Swin's initialisation (truncated-normal Linear weights, zero biases), except the patch embedding.
+
+    ``nn.Module.apply`` visits children first, so the patch embedding's Linear gets the Swin init and
+    is then re-initialised as the convolution it stands for (see :meth:`PatchEmbed.reset_parameters`:
+    a non-zero bias). With a zero bias there, an all-zero patch (most of a VIL frame) stays an exactly
+    zero token through every bias-free Linear and every LayerNorm (beta = 0 at init), and each
+    LayerNorm of an exactly constant vector multiplies the gradient by 1/sqrt(eps) ~ 316: on all-zero
+    frames the gradient norm overflowed float32 on the first backward (issue 6).
+    """
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+    elif isinstance(module, PatchEmbed):
+        module.reset_parameters()
 
 
 @register("swinlstm")

@@ -158,13 +158,27 @@ class TrainConfig(Section):
 
 # ----------------------------------------------------------------------- evaluate
 class EvaluateConfig(Section):
-    thresholds: list[Annotated[int, Field(ge=0, le=255)]] = [16, 74, 133, 160, 181, 219]
-    pool_sizes: list[PositiveInt] = [1, 4, 16]
+    """Stage evaluate and the scores of training validation (pipeline.scoring)."""
+
+    thresholds: list[Annotated[int, Field(ge=0, le=255)]] = [16, 74, 133, 160, 181, 219]  # VIL 0-255, event: >= T
+    pool_sizes: list[Annotated[int, Field(ge=2)]] = [4, 16]  # pooled CSI, max-pool kernel = stride (pixels)
+    fss_scales: list[PositiveInt] = []  # FSS neighbourhoods in pixels, e.g. [1, 4, 16]; empty = no FSS
+    ssim: bool = True
     baselines: list[Literal["persistence", "optical_flow"]] = ["persistence", "optical_flow"]
+    split: Literal["val", "test"] = "test"  # the windows file scored (overridden by --split)
     batch_size: PositiveInt = 4
-    max_batches: NonNegInt = 0  # 0 = the whole test split
-    n_examples: NonNegInt = 3  # sample forecast images written to reports/
+    max_batches: NonNegInt = 0  # 0 = the whole split; N = a quick look at N batches
+    n_examples: NonNegInt = 3  # heavy-rain windows drawn in the forecast gallery
+    example_leads: list[PositiveInt] = [1, 3, 6, 12]  # lead indices (1 = first forecast frame) in the gallery
     reports_dir: Path = Path("reports")
+
+    @model_validator(mode="after")
+    def _thresholds_unique(self) -> EvaluateConfig:
+        if not self.thresholds:
+            raise ValueError("evaluate.thresholds needs at least one threshold")
+        if len(set(self.thresholds)) != len(self.thresholds) or self.thresholds != sorted(self.thresholds):
+            raise ValueError(f"evaluate.thresholds must be increasing and unique, got {self.thresholds}")
+        return self
 
 
 # ------------------------------------------------------------------------- search
