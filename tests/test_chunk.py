@@ -202,6 +202,57 @@ def test_memory_clip_is_the_long_clip_ending_with_the_target(sample, tmp_path, i
                                       event[:, :, first : first + M].transpose(2, 0, 1))  # fmt: skip
 
 
+# --------------------------------------------------------------- frame_step (SEVIR-LR)
+@pytest.mark.parametrize(
+    ("frames", "step", "in_len", "out_len", "stride", "memory_len", "count"),
+    [(49, 2, 7, 6, 12, None, 2), (49, 2, 7, 6, 6, None, 3), (49, 2, 7, 6, 1, None, 13), (49, 2, 13, 12, 12, None, 1),
+     (49, 3, 7, 6, 2, None, 3), (48, 2, 7, 6, 6, None, 2), (49, 2, 7, 6, 6, 19, 2), (49, 1, 7, 6, 6, None, 7)],
+)  # fmt: skip
+def test_window_count_covers_frame_step(frames, step, in_len, out_len, stride, memory_len, count):
+    kept = (frames - 1) // step + 1  # frames 0, step, 2*step, ... of the event
+    assert windows.kept_frames(frames, step) == kept == len(range(0, frames, step))
+    long = memory_len or in_len + out_len
+    assert expected_count(kept, in_len + out_len, stride, long) == count
+    cfg = WindowsConfig(in_len=in_len, out_len=out_len, stride=stride, memory_len=memory_len, frame_step=step)
+    grid = windows.Grid.of(frames, cfg)
+    assert len(grid.starts) == count
+    assert grid.raw_slice.step == step and grid.frame_offset == grid.first * step
+
+
+def test_frame_step_2_windows_hold_every_second_frame(sample, tmp_path):
+    """SEVIR-LR: 10-minute frames, 7 in -> 6 out; 25 kept frames per 49-frame event, stride 6 -> 3 windows."""
+    stats = run(sample, tmp_path, in_len=7, out_len=6, stride=6, frame_step=2)
+    assert stats["frames_per_event"] == 25 and stats["frame_step"] == 2
+    for split, ids in sample.expected.items():
+        out = read_split(tmp_path, split)
+        assert out["attrs"]["frame_step"] == 2 and out["attrs"]["frame_minutes"] == 10
+        assert stats[split]["windows"] == len(out["window_start"]) == 3 * len(ids)
+        found = []
+        for row, start in zip(out["window_event"], out["window_start"], strict=True):
+            event_id = out["event_id"][row].decode()
+            first = int(out["frame_offset"][row]) + 2 * int(start)  # in the original event
+            found.append((event_id, first))
+            expected = sample.vil[event_id][:, :, first : first + 2 * 13 : 2].transpose(2, 0, 1)
+            np.testing.assert_array_equal(out["vil"][row, start : start + 13], expected)
+        assert sorted(found) == [(e, s) for e in sorted(ids) for s in (0, 12, 24)]
+    dataset = WindowDataset(tmp_path / "windows" / "val.h5")
+    assert dataset[0]["inputs"].shape[0] == 7 and dataset[0]["targets"].shape[0] == 6
+    assert [dataset.info(i)["start"] for i in range(3)] == [0, 12, 24]
+
+
+def test_frame_step_2_stats_count_the_kept_frames_only(sample, tmp_path):
+    stats = run(sample, tmp_path, in_len=7, out_len=6, stride=12, frame_step=2)  # windows at kept 0 and 12: 25 kept
+    pixels = np.stack([sample.vil[e][:, :, 0:49:2] for e in sorted(sample.expected["test"])])
+    assert stats["test"]["exceed_133"] == pytest.approx(np.mean(pixels >= 133), abs=1e-6)
+
+
+def test_windows_longer_than_the_kept_frames_are_a_config_error():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="exceeds the 25 frames a SEVIR event has at windows.frame_step = 2"):
+        WindowsConfig(in_len=13, out_len=13, frame_step=2)
+
+
 def test_each_event_is_stored_once_so_writes_equal_reads(sample, tmp_path):
     stats = run(sample, tmp_path)
     rows = sum(read_split(tmp_path, s)["vil"].shape[0] for s in windows.SPLITS)

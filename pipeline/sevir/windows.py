@@ -11,18 +11,22 @@ event is stored once, time-major; its overlapping windows are an index into it::
     frame_offset  (E,) int32                 index of the row's first stored frame in the original event
     window_event  (N,) int32                 row of ``vil`` each window is cut from
     window_start  (N,) int32                 frame of that row where the window starts
-    attrs         split, in_len, out_len, stride, window_len (L), long_len (M; = L when memory_len is
-                  null), downsample, train_end, val_end, scale ("uint8 0-255; divide by 255"),
-                  time_utc_units
+    attrs         split, in_len, out_len, stride, frame_step, frame_minutes, window_len (L), long_len
+                  (M; = L when memory_len is null), downsample, train_end, val_end, scale ("uint8
+                  0-255; divide by 255"), time_utc_units
 
-Window ``i`` is ``vil[e, s : s + L]`` with ``e, s = window_event[i], window_start[i]``: L whole
-chunks, nothing read twice. Its phase-1 long clip is ``vil[e, s + L - M : s + L]``; no second copy.
-Rows of events with fewer frames than F (a file with shorter events) end in unused zero frames.
+``frame_step`` k keeps frames 0, k, 2k, ... of each event (k = 2: 10-minute steps, SEVIR-LR); an
+event of T frames keeps ``T' = floor((T - 1) / k) + 1`` (49 -> 25 at k = 2). Rows store kept frames
+only, so window ``i`` is ``vil[e, s : s + L]`` with ``e, s = window_event[i], window_start[i]``: L
+whole chunks, nothing read twice, and its first frame is frame ``frame_offset[e] + k * s`` of the
+original event. Its phase-1 long clip is ``vil[e, s + L - M : s + L]``; no second copy. Rows of
+events with fewer frames than F (a file with shorter events) end in unused zero frames.
 
-Window starts are 0, stride, 2*stride, ... while the window fits in the event's T frames, so an
-event yields ``floor((T - L) / stride) + 1`` windows (T >= L). When ``memory_len`` M > L a window
-is kept only if its long clip fits too (start >= M - L); the grid is not shifted, so the count is
-``floor((T - L) / stride) - ceil((M - L) / stride) + 1``. :func:`window_starts` is the one rule.
+Window starts are 0, stride, 2*stride, ... (in kept frames) while the window fits in the event's T'
+kept frames, so an event yields ``floor((T' - L) / stride) + 1`` windows (T' >= L). When
+``memory_len`` M > L a window is kept only if its long clip fits too (start >= M - L); the grid is
+not shifted, so the count is ``floor((T' - L) / stride) - ceil((M - L) / stride) + 1``.
+:func:`window_starts` is the one rule (on T'); :func:`kept_frames` gives T'.
 
 Events are streamed: grouped by file, in ``file_index`` order, ``chunk_events`` at a time into
 reused buffers, so memory stays at a few events whatever the file size. A second thread turns
@@ -81,6 +85,11 @@ def window_starts(n_frames: int, window_len: int, stride: int, long_len: int | N
     long_len = window_len if long_len is None else long_len
     first = long_len - window_len  # the earliest start whose long clip fits
     return [s for s in range(0, n_frames - window_len + 1, stride) if s >= first]
+
+
+def kept_frames(n_frames: int, frame_step: int) -> int:
+    """Frames left of an ``n_frames`` event keeping frames 0, frame_step, 2*frame_step, ..."""
+    return (n_frames - 1) // frame_step + 1 if n_frames > 0 else 0
 
 
 def stored_range(starts: list[int], window_len: int, long_len: int) -> tuple[int, int]:
@@ -199,6 +208,7 @@ class SplitWriter:
         self.h5 = h5py.File(path, "w", rdcc_nbytes=0)
         self.h5.attrs.update({
             "split": split, "in_len": windows.in_len, "out_len": windows.out_len, "stride": windows.stride,
+            "frame_step": windows.frame_step, "frame_minutes": windows.frame_step * sevir.FRAME_MINUTES,
             "window_len": windows.window_len, "long_len": windows.long_len,
             "downsample": windows.downsample, "scale": SCALE_NOTE, "time_utc_units": TIME_UNITS,
             "train_end": str(splits.train_end), "val_end": str(splits.val_end),
@@ -390,18 +400,31 @@ def read_events(events: pd.DataFrame, files: dict[str, FileInfo], chunk_events: 
 class Grid:
     """Where an event's windows are, the same for every event of a file (same frame count)."""
 
-    n_frames: int  # frames of an event in the file
-    starts: list[int]  # window starts in the original event
-    first: int  # first stored frame
-    stop: int  # one past the last stored frame
+    n_frames: int  # frames of an event in the file (before frame_step)
+    starts: list[int]  # window starts, in kept frames of the event
+    first: int  # first stored frame (kept frames)
+    stop: int  # one past the last stored frame (kept frames)
     window_len: int
+    frame_step: int = 1  # every frame_step-th frame of the event is kept; starts, first and stop count kept frames
 
     @classmethod
     def of(cls, n_frames: int, windows: WindowsConfig) -> Grid | None:
-        starts = window_starts(n_frames, windows.window_len, windows.stride, windows.long_len)
+        step = windows.frame_step
+        starts = window_starts(kept_frames(n_frames, step), windows.window_len, windows.stride, windows.long_len)
         if not starts:
             return None
-        return cls(n_frames, starts, *stored_range(starts, windows.window_len, windows.long_len), windows.window_len)
+        first, stop = stored_range(starts, windows.window_len, windows.long_len)
+        return cls(n_frames, starts, first, stop, windows.window_len, step)
+
+    @property
+    def raw_slice(self) -> slice:
+        """The event's original frames that are stored: ``first * step``, then every ``step``-th."""
+        return slice(self.first * self.frame_step, (self.stop - 1) * self.frame_step + 1, self.frame_step)
+
+    @property
+    def frame_offset(self) -> int:
+        """The original frame index of the first stored frame."""
+        return self.first * self.frame_step
 
     @property
     def n_stored(self) -> int:
@@ -443,7 +466,7 @@ def prepare_events(stream: Iterator[tuple[ReadBatch, np.ndarray]], grids: dict[s
 
 def _prepare(raw: np.ndarray, factor: int, grid: Grid, out: np.ndarray, scratch: np.ndarray,
              split_stats: SplitStats) -> np.ndarray:  # fmt: skip
-    kept = downsample(raw[:, :, grid.first : grid.stop], factor)  # (h, w, F), a view when factor is 1
+    kept = downsample(raw[:, :, grid.raw_slice], factor)  # (h, w, F), a view when factor is 1
     frames = to_time_major(kept, out=out[: grid.n_stored])  # (F, h, w)
     lo = grid.starts[0] - grid.first  # the windows' frames; long-clip-only frames are not counted
     split_stats.add_pixels(frames[lo : grid.starts[-1] + grid.window_len - grid.first], scratch)
@@ -528,8 +551,10 @@ def _write_windows(raw_dir: Path, windows: WindowsConfig, split: SplitConfig, st
     stats = {name: SplitStats() for name in SPLITS}
     short = events["file_name"].map(lambda name: grids[name] is None)
     for file_name, n in events.loc[short, "file_name"].value_counts().sort_index().items():
-        log.warning("%s: events have %d frames, fewer than one window (and its long clip) needs (%d); skipping %d event(s)",
-                    files[str(file_name)].path, files[str(file_name)].n_frames, windows.long_len, n)  # fmt: skip
+        info = files[str(file_name)]
+        log.warning("%s: events have %d frames (%d at windows.frame_step = %d), fewer than one window (and its long "
+                    "clip) needs (%d); skipping %d event(s)", info.path, info.n_frames,
+                    kept_frames(info.n_frames, windows.frame_step), windows.frame_step, windows.long_len, n)  # fmt: skip
     for name, n in events.loc[short, "split"].value_counts().items():
         stats[str(name)].events_skipped_short = int(n)
     id_len = max(1, int(events["id"].astype(str).str.len().max()))
@@ -558,7 +583,7 @@ def _write_windows(raw_dir: Path, windows: WindowsConfig, split: SplitConfig, st
             )
             pool = stack.enter_context(ThreadPoolExecutor(max_workers=1, thread_name_prefix="chunk-prepare"))
             for event, frames, grid in prepare_events(stream, grids, factor, frame_shape, stats, pool):
-                writers[event.split].append(event.id, event.epoch_s, grid.first, frames, grid.stored_starts)
+                writers[event.split].append(event.id, event.epoch_s, grid.frame_offset, frames, grid.stored_starts)
                 stats[event.split].events += 1
                 stats[event.split].windows += len(grid.starts)
                 bytes_read += grid.n_frames * raw_h * raw_w
@@ -570,7 +595,8 @@ def _write_windows(raw_dir: Path, windows: WindowsConfig, split: SplitConfig, st
         bytes_written = sum((tmp / f"{name}.h5").stat().st_size for name in SPLITS)
         result = {
             "frame_height": frame_shape[0], "frame_width": frame_shape[1], "window_len": windows.window_len,
-            "long_len": windows.long_len, "downsample": factor, "frames_per_event": n_frames, **dropped,
+            "long_len": windows.long_len, "downsample": factor, "frame_step": windows.frame_step,
+            "frames_per_event": n_frames, **dropped,
             "bytes_read": bytes_read, "bytes_written": bytes_written,
             **{name: stats[name].as_metrics() for name in SPLITS},
         }  # fmt: skip

@@ -83,7 +83,7 @@ def _finite(value: Any) -> bool:
 def _fit(cfg: Config, out_dir: Path, callback: Any) -> Any:
     from pipeline.training import fit  # the training engine (phase 1 here); imported late: torch is heavy
 
-    return fit(cfg, 1, out_dir, epoch_callback=callback)
+    return fit(cfg, 1, out_dir, epoch_callback=callback, progress=False)
 
 
 @dataclass
@@ -101,6 +101,7 @@ class Phase1Objective:
         budget = {
             "train.phase1.epochs": search.epochs,
             "train.phase1.max_steps_per_epoch": search.max_steps_per_epoch,
+            "train.val_max_batches": search.val_max_batches,
             "tracking.enabled": False,  # the trial's MLflow run is written here, nested under the study
         }
         return apply_overrides(self.base, {**overrides, **budget}, source="search trial")

@@ -104,8 +104,9 @@ def open_storage(search: SearchConfig, journal: Path) -> optuna.storages.BaseSto
 def fixed_params(cfg: Config) -> dict[str, Any]:
     """What a study's trials share besides the space: drives :func:`study_name`."""
     dump = cfg.model_dump(mode="json")
-    train = {k: v for k, v in dump["train"].items() if k not in ("phase2", "checkpoint_dir", "device", "num_workers")}
-    search = {k: dump["search"][k] for k in ("epochs", "max_steps_per_epoch", "metric", "direction")}
+    train = {k: v for k, v in dump["train"].items()
+             if k not in ("phase2", "checkpoint_dir", "device", "num_workers", "threads", "log_every", "nproc_per_node")}
+    search = {k: dump["search"][k] for k in ("epochs", "max_steps_per_epoch", "val_max_batches", "metric", "direction")}
     return {"data": dump["data"], "windows": dump["windows"], "model": dump["model"], "train": train, "search": search}
 
 
