@@ -58,7 +58,7 @@ def test_repro_builds_every_stage_output(project: Path):
     assert sorted(p.name for p in (project / "data/windows").glob("*.h5")) == ["test.h5", "train.h5", "val.h5"]
     sample = WindowDataset(project / "data/windows/train.h5")[0]
     assert sample["inputs"].shape == (13, 1, 128, 128) and sample["targets"].shape == (12, 1, 128, 128)
-    assert (project / "reports/chunk_stats.json").is_file()
+    assert (project / "reports/data/chunk_stats.json").is_file()
     for phase in (1, 2):
         assert sorted(p.name for p in (project / f"artifacts/phase{phase}").glob("*.pt")) == ["best.pt", "last.pt"]
         assert json.loads((project / f"reports/train_phase{phase}.json").read_text())["epochs"] == 1
