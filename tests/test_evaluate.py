@@ -16,9 +16,9 @@ from pipeline.cli import run_stage
 from pipeline.errors import ConfigError, DataError, PipelineError
 from pipeline.evaluate import main
 from pipeline.scoring import ScoreAccumulator
-from pipeline.scoring.checkpoints import load_model, read_checkpoint
 from pipeline.scoring.evaluation import open_windows
 from pipeline.scoring.forecasters import OpticalFlow, Persistence, get_method
+from pipeline.training.checkpoint import load_model, read_checkpoint
 
 IN, OUT, SIZE = 4, 3, 32
 TINY_MODEL = {"name": "convlstm", "patch_size": 4, "convlstm": {"hidden": [4], "kernel_size": 3}}
@@ -115,7 +115,7 @@ def test_get_method_builds_baselines_by_name_and_rejects_others():
 
 # ------------------------------------------------------------------ checkpoints
 def test_a_missing_checkpoint_is_a_clear_error(tmp_path):
-    with pytest.raises(PipelineError, match="not found"):
+    with pytest.raises(PipelineError, match="checkpoint not found"):
         read_checkpoint(tmp_path / "best.pt")
 
 

@@ -124,6 +124,6 @@ def model_from_checkpoint(path: Path, model_cfg: Any = None, device: torch.devic
     ``model_cfg`` (a ``ModelConfig``), when given, must equal the checkpoint's: a difference raises
     :class:`pipeline.errors.ConfigError` naming the differing ``model.*`` keys.
     """
-    from pipeline.scoring.checkpoints import load_model
+    from pipeline.training.checkpoint import load_model
 
     return ModelForecaster(load_model(Path(path), model_cfg, device=device), device=device, precision=precision)
