@@ -215,10 +215,9 @@ def vil_colormap() -> tuple[Any, Any]:
     """The SEVIR VIL colour map and its bin norm (0-255 scale); values below 16 are drawn dark grey."""
     from matplotlib.colors import BoundaryNorm, ListedColormap
 
-    cmap = ListedColormap(VIL_COLORS, name="sevir_vil")
-    cmap.set_bad((0.0, 0.0, 0.0))
-    cmap.set_under(VIL_COLORS[0])
-    cmap.set_over(VIL_COLORS[-1])
+    cmap = ListedColormap(VIL_COLORS, name="sevir_vil").with_extremes(
+        bad=(0.0, 0.0, 0.0), under=VIL_COLORS[0], over=VIL_COLORS[-1]
+    )
     return cmap, BoundaryNorm(VIL_LEVELS, cmap.N)
 
 
