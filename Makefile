@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 LOCK_HASH := $(shell sha1sum requirements.lock | cut -c1-12)
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
 
-.PHONY: install repro test test-fast bench ui dag lint clean
+.PHONY: install repro test test-fast bench ui dashboard exp-show dag lint clean
 
 install: $(STAMP)
 
@@ -29,11 +29,24 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_chunk.py
+	$(BIN)/python benchmarks/bench_fetch.py
 	$(BIN)/python benchmarks/bench_models.py
 	$(BIN)/python benchmarks/bench_memory_options.py
+	$(BIN)/python benchmarks/bench_search.py
 
+# MLflow UI on the project's store; prints the runs-table link (PORT=5000 by default)
+PORT ?= 5000
 ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db
+	$(BIN)/python -m pipeline.ui --port $(PORT)
+
+# optuna-dashboard on the search stage's study (journal file or search.storage)
+DASHBOARD_PORT ?= 8080
+dashboard: $(STAMP)
+	$(BIN)/python -m pipeline.dashboard --port $(DASHBOARD_PORT)
+
+# dvc exp show, leading with what gets compared: scores of the model and the baselines, and params that changed
+exp-show: $(STAMP)
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp show --only-changed --drop '.*\.(pod|sucr|far|bias|hss|csi_pool4|csi_pool16)\..*|.*\.csi\.[0-9]+|windows|data\..*|reports/search.*' --sort-by model.csi_m --sort-order desc
 
 dag: $(STAMP)
 	$(BIN)/dvc dag

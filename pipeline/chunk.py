@@ -1,6 +1,6 @@
-"""Stage chunk: data/raw -> data/windows/{train,val,test}.h5 + reports/chunk_stats.json.
+"""Stage chunk: data/raw -> data/windows/{train,val,test}.h5 + reports/data/chunk_stats.json.
 
-    python -m pipeline.chunk [--params params.yaml] [--stats reports/chunk_stats.json]
+    python -m pipeline.chunk [--params params.yaml] [--stats reports/data/chunk_stats.json]
 
 Splits the catalog's VIL events chronologically (data.split), cuts each event into
 input+target windows (windows.*) and writes one HDF5 file per split; see
@@ -13,10 +13,10 @@ from pathlib import Path
 
 from pipeline import config as config_mod
 from pipeline.cli import run_stage, setup_logging, stage_parser
-from pipeline.tracking import flatten, numeric_metrics, stage_run
 from pipeline.sevir.windows import write_windows
+from pipeline.tracking import flatten, numeric_metrics, stage_run
 
-STATS_PATH = Path("reports/chunk_stats.json")  # the stage's DVC metrics file (dvc.yaml)
+STATS_PATH = Path("reports/data/chunk_stats.json")  # a plain report (not DVC metrics: dvc exp show leads with scores); also in MLflow
 
 
 def main(argv: list[str] | None = None) -> None:

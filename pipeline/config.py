@@ -65,12 +65,29 @@ class S3Source(Section):
     retries: NonNegInt = 5
     backoff_s: NonNegFloat = 1.0
     part_size_mb: PositiveInt = 16
+    concurrency: Annotated[int, Field(ge=1, le=64)] = 4  # connections at once: files in flight, else ranged parts of one
 
 
 class LocalSource(Section):
-    """An existing SEVIR directory (CATALOG.csv + vil/...), used in place without copying."""
+    """An existing SEVIR directory, used in place without copying.
+
+    Two layouts: the bucket's, as ``aws s3 sync s3://sevir DIR`` leaves it (``DIR/CATALOG.csv``,
+    files under ``DIR/data/vil/...``, catalog ``file_name`` relative to ``data/``), or flat
+    (``DIR/CATALOG.csv`` and ``DIR/vil/...``).
+    """
 
     path: Path | None = None
+    data_prefix: str | None = None  # folder under path that file_name is relative to; None = detect ("data" or "")
+    years: list[Annotated[int, Field(ge=2017, le=2030)]] = []  # empty keeps all years
+    event_types: list[str] = []  # catalog event_type values to keep; empty keeps all
+
+    @model_validator(mode="after")
+    def _prefix_is_relative(self) -> LocalSource:
+        if self.data_prefix is not None:
+            parts = self.data_prefix.replace("\\", "/").split("/")
+            if self.data_prefix.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
+                raise ValueError(f"data.local.data_prefix must be a folder under data.local.path (got {self.data_prefix!r})")
+        return self
 
 
 class SplitConfig(Section):
@@ -94,6 +111,7 @@ class DataConfig(Section):
     s3: S3Source = S3Source()
     local: LocalSource = LocalSource()
     split: SplitConfig = SplitConfig()
+    lock_wait_s: NonNegFloat = 600.0  # a second fetch into the same root waits this long for the first, then stops
 
     @model_validator(mode="after")
     def _local_needs_path(self) -> DataConfig:
@@ -104,15 +122,21 @@ class DataConfig(Section):
 
 # ------------------------------------------------------------------------ windows
 class WindowsConfig(Section):
-    """How each 49-frame event is cut into input+target windows (stage chunk)."""
+    """How each 49-frame event is cut into input+target windows (stage chunk).
+
+    ``frame_step`` keeps every k-th frame of an event (1 = 5 min, 2 = 10 min); ``in_len``,
+    ``out_len``, ``stride`` and ``memory_len`` count the kept frames.
+    """
 
     in_len: PositiveInt = 13
     out_len: PositiveInt = 12
     stride: PositiveInt = 12
+    frame_step: Annotated[int, Field(ge=1, le=48)] = 1  # 1 = 5-minute frames; 2 = 10-minute (SEVIR-LR)
     memory_len: PositiveInt | None = None  # phase-1 long clip; None = in_len + out_len
     downsample: PositiveInt = 1  # spatial factor, e.g. 3 turns 384x384 into 128x128
     root: Path = Path("data/windows")
     chunk_events: PositiveInt = 1  # events read from h5 at once (bounds memory)
+    workers: Annotated[int, Field(ge=1, le=64)] | None = None  # threads preparing events; None = CPUs - 1, 2 to 4
 
     @property
     def window_len(self) -> int:
@@ -122,60 +146,254 @@ class WindowsConfig(Section):
     def long_len(self) -> int:
         return self.memory_len if self.memory_len is not None else self.window_len
 
+    @property
+    def event_frames(self) -> int:
+        """Frames of a 49-frame SEVIR event that are kept at ``frame_step`` (49, 25, 17, ...)."""
+        return (49 - 1) // self.frame_step + 1
+
     @model_validator(mode="after")
     def _fits(self) -> WindowsConfig:
-        if self.window_len > 49:
-            raise ValueError(f"windows.in_len + windows.out_len = {self.window_len} exceeds the 49 frames of a SEVIR event")
-        if self.memory_len is not None and not self.window_len <= self.memory_len <= 49:
-            raise ValueError(f"windows.memory_len must be between in_len + out_len ({self.window_len}) and 49")
+        n, step = self.event_frames, self.frame_step
+        of = f"the {n} frames a SEVIR event has at windows.frame_step = {step}" if step > 1 else "the 49 frames of a SEVIR event"
+        if self.window_len > n:
+            raise ValueError(f"windows.in_len + windows.out_len = {self.window_len} exceeds {of}")
+        if self.memory_len is not None and not self.window_len <= self.memory_len <= n:
+            raise ValueError(f"windows.memory_len must be between in_len + out_len ({self.window_len}) and {n} ({of})")
         return self
 
 
 # -------------------------------------------------------------------------- train
+VIL_SCALE = Annotated[int, Field(ge=0, le=255)]
+
+
 class PhaseConfig(Section):
+    """One training phase (``train.phase1`` / ``train.phase2``): optimiser, schedule, loss, stopping."""
+
     epochs: PositiveInt = 2
+    max_steps_per_epoch: NonNegInt = 0  # 0 = whole epoch; otherwise batches per epoch
+    # AdamW; per-group learning rates (null = lr): encoder, decoder (up path / forecaster), head
     lr: PositiveFloat = 1e-3
-    weight_decay: NonNegFloat = 1e-4
-    warmup_frac: Fraction = 0.1
-    schedule: Literal["cosine", "onecycle", "constant"] = "cosine"
-    max_steps_per_epoch: NonNegInt = 0  # 0 = whole epoch
-    grad_clip: NonNegFloat = 1.0
-    l2_weight: NonNegFloat = 1.0  # loss = L1 + l2_weight * MSE
+    lr_encoder: PositiveFloat | None = None
+    lr_decoder: PositiveFloat | None = None
+    lr_head: PositiveFloat | None = None
+    weight_decay: NonNegFloat = 1e-4  # not applied to biases, norms and other 1-D parameters
+    beta1: Annotated[float, Field(ge=0, lt=1)] = 0.9
+    beta2: Annotated[float, Field(ge=0, lt=1)] = 0.999
+    # lr schedule, stepped per optimiser step: cosine (warm-up then cosine to min_lr_frac x lr), onecycle
+    # (cosine ramp over the warm-up from lr/25 to lr, cosine down to lr/1e4), cosine_restarts (warm-up then
+    # SGDR: periods of restart_epochs x restart_mult^k epochs), constant (warm-up then flat)
+    schedule: Literal["cosine", "onecycle", "cosine_restarts", "constant"] = "cosine"
+    warmup_frac: Fraction = 0.1  # share of all optimiser steps spent warming up
+    min_lr_frac: Fraction = 0.0
+    restart_epochs: PositiveInt = 1
+    restart_mult: PositiveInt = 2
+    grad_clip: NonNegFloat = 1.0  # max global grad norm; 0 = off
+    grad_accum: PositiveInt = 1  # batches per optimiser step
+    # loss = l1_weight * L1 + l2_weight * MSE (+ ssim_weight * (1 - SSIM)) (+ recon_weight * input reconstruction)
+    l1_weight: NonNegFloat = 1.0
+    l2_weight: NonNegFloat = 1.0
+    ssim_weight: NonNegFloat = 0.0
+    recon_weight: NonNegFloat = 0.0  # forecast the second half of the inputs from the first half (one more forward)
+    # B-MAE / B-MSE (Shi et al. 2017): pixel weights by intensity class of the target; class k holds
+    # VIL in [balance_thresholds[k-1], balance_thresholds[k]) on the 0-255 scale
+    balanced: bool = False
+    balance_thresholds: list[VIL_SCALE] = [16, 74, 133, 181]
+    balance_weights: list[PositiveFloat] = [1.0, 2.0, 5.0, 10.0, 30.0]
+    align: bool = True  # memory models, phase 1: a phase-2 step on the same batch after each phase-1 step
+    ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0  # 0 = off; else validate and save the EMA weights
+    best_key: str = "val.csi_m"  # the validation metric that picks best.pt and drives early stopping
+    best_mode: Literal["auto", "min", "max"] = "auto"  # auto: min for loss/mse/mae keys, max otherwise
+    early_stop_patience: NonNegInt = 0  # epochs without improvement of best_key before stopping; 0 = off
+
+    @model_validator(mode="after")
+    def _balance(self) -> PhaseConfig:
+        if self.balance_thresholds != sorted(set(self.balance_thresholds)):
+            raise ValueError("balance_thresholds must be strictly increasing")
+        if len(self.balance_weights) != len(self.balance_thresholds) + 1:
+            raise ValueError("balance_weights needs one more entry than balance_thresholds (one per class)")
+        if self.l1_weight + self.l2_weight + self.ssim_weight == 0:
+            raise ValueError("l1_weight, l2_weight and ssim_weight are all 0: the loss would be empty")
+        if not self.best_key.startswith(("val.", "train.")):
+            raise ValueError(f"best_key {self.best_key!r} must name a logged metric, e.g. val.loss or val.csi_m")
+        return self
+
+    def mode(self) -> Literal["min", "max"]:
+        """Whether a lower or a higher ``best_key`` is better."""
+        if self.best_mode != "auto":
+            return self.best_mode
+        lower = ("loss", "mse", "mae", "far")
+        return "min" if any(word in self.best_key.rsplit(".", 1)[-1] for word in lower) else "max"
+
+
+class OversampleConfig(Section):
+    """Heavy-rain oversampling of the TRAIN split only (val and test are never resampled)."""
+
+    enabled: bool = False
+    threshold: VIL_SCALE = 133  # a target pixel at or above this is heavy rain
+    min_fraction: Fraction = 0.01  # a window is heavy when this share of its target pixels is heavy
+    factor: Annotated[float, Field(ge=1)] = 4.0  # heavy windows are drawn this many times as often
+
+
+class AugmentConfig(Section):
+    """Training-only augmentation, applied on the device to the 0-1 batch."""
+
+    noise_std: NonNegFloat = 0.0  # Gaussian noise on the inputs (0-1 scale), clamped to [0, 1]
+    mask_prob: Fraction = 0.0  # chance of zeroing each mask_size x mask_size input patch (all frames)
+    mask_size: PositiveInt = 16
+    time_shift: NonNegInt = 0  # move a batch's window up to this many frames earlier (needs windows.memory_len room)
 
 
 class TrainConfig(Section):
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    compile: bool = False
-    batch_size: PositiveInt = 4
-    grad_accum: PositiveInt = 1
-    num_workers: NonNegInt = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 on CUDA (fp16 if unsupported), fp32 on CPU
+    compile: bool = False  # torch.compile the model
+    batch_size: PositiveInt | Literal["auto"] = 4  # per process; auto (CUDA): the largest that fits, found by trying
+    max_batch_size: PositiveInt = 256  # upper bound of the auto search
+    num_workers: NonNegInt = 0  # DataLoader worker processes
+    threads: NonNegInt = 0  # torch intra-op threads per process; 0 = cores / processes - 1 (at least 1)
+    nproc_per_node: PositiveInt = 1  # > 1: the stage launches this many DDP workers (torch.distributed.run)
     seed: NonNegInt = 0
-    checkpoint_dir: Path = Path("artifacts")
+    checkpoint_dir: Path = Path("artifacts")  # phase{1,2}/{last,best}.pt
+    val_max_batches: NonNegInt = 0  # 0 = the whole val split
+    log_every: PositiveInt = 10  # steps between progress-bar refreshes (and non-finite checks)
+    oversample: OversampleConfig = OversampleConfig()
+    augment: AugmentConfig = AugmentConfig()
     phase1: PhaseConfig = PhaseConfig()
     phase2: PhaseConfig = PhaseConfig()
+
+    def phase(self, n: int) -> PhaseConfig:
+        if n not in (1, 2):
+            raise ValueError(f"phase must be 1 or 2, got {n!r}")
+        return self.phase1 if n == 1 else self.phase2
 
 
 # ----------------------------------------------------------------------- evaluate
 class EvaluateConfig(Section):
-    thresholds: list[Annotated[int, Field(ge=0, le=255)]] = [16, 74, 133, 160, 181, 219]
-    pool_sizes: list[PositiveInt] = [1, 4, 16]
+    """Stage evaluate and the scores of training validation (pipeline.scoring)."""
+
+    thresholds: list[Annotated[int, Field(ge=0, le=255)]] = [16, 74, 133, 160, 181, 219]  # VIL 0-255, event: >= T
+    pool_sizes: list[Annotated[int, Field(ge=2)]] = [4, 16]  # pooled CSI, max-pool kernel = stride (pixels)
+    fss_scales: list[PositiveInt] = []  # FSS neighbourhoods in pixels, e.g. [1, 4, 16]; empty = no FSS
+    ssim: bool = True
     baselines: list[Literal["persistence", "optical_flow"]] = ["persistence", "optical_flow"]
+    split: Literal["val", "test"] = "test"  # the windows file scored (overridden by --split)
     batch_size: PositiveInt = 4
-    max_batches: NonNegInt = 0  # 0 = the whole test split
-    n_examples: NonNegInt = 3  # sample forecast images written to reports/
+    max_batches: NonNegInt = 0  # 0 = the whole split; N = a quick look at N batches
+    n_examples: NonNegInt = 3  # heavy-rain windows drawn in the forecast gallery
+    example_leads: list[PositiveInt] = [1, 3, 6, 12]  # lead indices (1 = first forecast frame) in the gallery
     reports_dir: Path = Path("reports")
+
+    @model_validator(mode="after")
+    def _thresholds_unique(self) -> EvaluateConfig:
+        if not self.thresholds:
+            raise ValueError("evaluate.thresholds needs at least one threshold")
+        if len(set(self.thresholds)) != len(self.thresholds) or self.thresholds != sorted(self.thresholds):
+            raise ValueError(f"evaluate.thresholds must be increasing and unique, got {self.thresholds}")
+        return self
 
 
 # ------------------------------------------------------------------------- search
+class SearchParam(Section):
+    """One dimension of the tuning study: a params.yaml key and the values it may take."""
+
+    key: str  # dotted params.yaml key, e.g. train.phase1.lr or model.depths_down
+    type: Literal["float", "logfloat", "int", "categorical"]
+    low: float | None = None  # float/logfloat/int: inclusive range
+    high: float | None = None
+    step: float | None = None  # optional grid step (float, int)
+    choices: list[Any] | None = None  # categorical: values (lists allowed, e.g. depths [2, 4])
+
+    @model_validator(mode="after")
+    def _complete(self) -> SearchParam:
+        if self.type == "categorical":
+            if not self.choices:
+                raise ValueError(f"{self.key}: categorical needs a non-empty 'choices' list")
+            if self.low is not None or self.high is not None:
+                raise ValueError(f"{self.key}: categorical takes 'choices', not 'low'/'high'")
+            return self
+        if self.low is None or self.high is None or self.choices is not None:
+            raise ValueError(f"{self.key}: {self.type} needs 'low' and 'high' (and no 'choices')")
+        if not self.low < self.high:
+            raise ValueError(f"{self.key}: empty range: low ({self.low}) must be below high ({self.high})")
+        if self.type == "logfloat" and self.low <= 0:
+            raise ValueError(f"{self.key}: logfloat needs low > 0 (got {self.low})")
+        if self.type == "int" and (self.low != int(self.low) or self.high != int(self.high)):
+            raise ValueError(f"{self.key}: int needs whole-number 'low' and 'high'")
+        if self.step is not None and (self.step <= 0 or self.type == "logfloat"):
+            raise ValueError(f"{self.key}: 'step' must be > 0 and is not allowed with logfloat")
+        return self
+
+
 class SearchConfig(Section):
-    n_trials: PositiveInt = 4
-    timeout_s: NonNegInt = 0  # 0 = no limit
-    study_name: str = "phase1"
-    storage: str | None = None  # None = a journal file under artifacts/; or an RDB URL
-    sampler_seed: NonNegInt = 0
-    epochs: PositiveInt = 1
+    """The Optuna phase-1 study (stage search); see pipeline/tuning/."""
+
+    study_name: str = "phase1"  # stored as <study_name>-<hash of the fixed params>
+    storage: str | None = None  # None = journal file under artifacts/search/; or postgresql://user:pw@host/db
+    n_trials: PositiveInt = 4  # finished trials (complete, pruned or failed) the study runs to
+    timeout_s: NonNegInt = 0  # per worker; 0 = no limit
+    sampler_seed: NonNegInt = 0  # TPE seed (extra workers derive theirs from it)
+    epochs: PositiveInt = 1  # phase-1 epochs per trial
+    max_steps_per_epoch: NonNegInt = 8  # cap per trial epoch (0 = whole epoch)
+    val_max_batches: NonNegInt = 8  # validation batches per trial epoch (0 = the whole val split)
+    metric: str = "val.csi_m"  # the per-epoch validation key the study maximises
+    direction: Literal["maximize", "minimize"] = "maximize"
     pruner: Literal["median", "hyperband", "none"] = "median"
+    pruner_warmup_epochs: NonNegInt = 0  # epochs before the median pruner may stop a trial
+    gc_after_trial: bool = True
+    heartbeat_s: PositiveInt = 10  # a running trial's heartbeat period
+    grace_s: PositiveInt = 60  # a trial silent this long (worker died) is failed and retried
+    max_retries: NonNegInt = 1  # retries of a trial whose worker died
+    space: list[SearchParam] = []
+
+    @model_validator(mode="after")
+    def _keys_exist(self) -> SearchConfig:
+        seen: set[str] = set()
+        for i, param in enumerate(self.space):
+            where = f"search.space[{i}] ({param.key})"
+            if param.key in seen:
+                raise ValueError(f"{where}: key listed twice; keep one entry per key")
+            seen.add(param.key)
+            if param.key.split(".")[0] in ("search", "tracking", "data", "windows"):
+                raise ValueError(f"{where}: not tunable; the space takes model.* and train.* keys")
+            check_space_entry(param, where)
+        return self
+
+
+def _field_at(key: str) -> Any:
+    """The pydantic field of a dotted params key (``model.memory.slots``), or None."""
+    model: Any = Config
+    field = None
+    for part in key.split("."):
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return None
+        field = fields[part]
+        model = field.annotation
+    return field
+
+
+def check_space_entry(param: SearchParam, where: str) -> None:
+    """A space entry names an existing key, and its range/choices have the key's type and bounds."""
+    from pydantic import TypeAdapter
+
+    field = _field_at(param.key)
+    if field is None:
+        raise ValueError(f"{where}: not a params.yaml key; use a dotted key such as train.phase1.lr or model.embed_dim")
+    if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+        raise ValueError(f"{where}: names a whole section; name one of its keys")
+    adapter = TypeAdapter(Annotated[field.annotation, *field.metadata] if field.metadata else field.annotation)
+    if param.type == "categorical":
+        values = list(param.choices or [])
+    elif param.type == "int":
+        values = [int(param.low), int(param.high)]  # type: ignore[arg-type]
+    else:
+        values = [param.low, param.high]
+    for value in values:
+        try:
+            adapter.validate_python(value, strict=param.type == "int" and field.annotation is float)
+        except ValidationError as err:
+            msg = err.errors(include_url=False)[0]["msg"]
+            raise ValueError(f"{where}: {value!r} is not a valid value for {param.key} ({msg})") from None
 
 
 # ----------------------------------------------------------------------- tracking
@@ -202,6 +420,22 @@ class Config(Section):
         size = self.frame_size()
         if size is not None:
             self.model.check_frame_size(size, size, prefix="model")
+        return self
+
+    @model_validator(mode="after")
+    def _train_fits(self) -> Config:
+        p1 = self.train.phase1
+        if self.model.name == "datswinlstm_memory" and p1.align and p1.grad_accum > 1:
+            raise ValueError(
+                "train.phase1.grad_accum > 1 cannot accumulate two kinds of step; set train.phase1.align: false "
+                "or train.phase1.grad_accum: 1"
+            )
+        shift = self.train.augment.time_shift
+        if shift and self.windows.long_len - self.windows.window_len < shift:
+            raise ValueError(
+                f"train.augment.time_shift = {shift} needs windows.memory_len >= in_len + out_len + {shift} "
+                f"(= {self.windows.window_len + shift}) so the earlier frames are stored"
+            )
         return self
 
     def frame_size(self) -> int | None:

@@ -1,96 +1,108 @@
-"""Apply a params preset (presets/*.yaml) to a DVC experiment: print it as ``-S key=value`` overrides.
+"""Apply a preset: a params.yaml override file -> ``-S key=value`` arguments for ``dvc exp run``.
 
-    dvc exp run $(python -m pipeline.preset presets/reference_sevir.yaml)
+    dvc exp run $(python -m pipeline.preset presets/sevir_lr.yaml)
+    python -m pipeline.preset presets/sevir_lr.yaml [--params params.yaml] [--format s|yaml]
 
-A preset is a YAML file shaped like params.yaml holding only the keys it changes. The command
-merges it over ``--params`` (default params.yaml), validates the result with pipeline.config (an
-invalid preset is one error line naming the key, exit code 2, and nothing printed on stdout, so
-``dvc exp run $(...)`` does not start), then prints one ``-S dotted.key=value`` per leaf on one
-line. Values are written in the override grammar ``dvc exp run -S`` takes: lists as ``[3,2]``,
-booleans ``true`` / ``false``, ``null``; no spaces, so the shell's word splitting keeps each
-override whole. ``--yaml`` prints the merged params instead (to inspect or to save as a file).
+A preset (``presets/*.yaml``) is a nested mapping holding a subset of params.yaml's keys. It is
+checked against the config schema merged over ``--params`` (unknown keys, bad values and
+combinations that do not fit, e.g. a frame size the model cannot take, stop with one line), then
+printed as one ``-S dotted.key=value`` per leaf, on one line, for the shell to split. Values are
+compact YAML/JSON (``[2,2]``, ``null``), so they need no quoting. ``--format yaml`` prints the
+merged params instead (to review, or to write a params file for ``--params``).
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
+import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from pipeline import config as config_mod
 from pipeline.cli import run_stage
-from pipeline.config import from_dict
 from pipeline.errors import ConfigError
 
 
-def read_yaml(path: Path) -> dict[str, Any]:
+def read_preset(path: Path) -> dict[str, Any]:
+    """The override mapping of a preset file; ConfigError with one line when it is not one."""
     if not path.is_file():
-        raise ConfigError(f"{path}: preset file not found; pass a path such as presets/reference_sevir.yaml")
+        raise ConfigError(f"{path}: preset not found; see presets/ for the ones there are")
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: is not valid YAML ({getattr(err, 'problem', err)})") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections (model, windows, ...)")
+        raise ConfigError(f"{path}: not valid YAML ({getattr(err, 'problem', err)})") from None
+    if not isinstance(raw, dict) or not raw:
+        raise ConfigError(f"{path}: a preset is a mapping of params.yaml sections (windows:, data:, ...)")
     return raw
 
 
-def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    """A copy of ``base`` with ``extra`` merged in, nested mappings key by key."""
+def merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` merged in, nested mappings key by key (neither is changed)."""
     out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = merge(out[key], value)
-        else:
-            out[key] = value
+    for key, value in override.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 
-def leaves(tree: dict[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    """(dotted key, value) for every non-mapping value, in file order."""
-    out: list[tuple[str, Any]] = []
+def leaves(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """``(dotted.key, value)`` for every non-mapping value of ``tree``."""
     for key, value in tree.items():
         name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            out += leaves(value, f"{name}.")
+        if isinstance(value, dict) and value:
+            yield from leaves(value, f"{name}.")
         else:
-            out.append((name, value))
-    return out
+            yield name, value
 
 
-def override_value(value: Any) -> str:
-    """A value in ``dvc exp run -S`` (Hydra) override syntax, without spaces."""
-    if isinstance(value, str):
-        if any(c in value for c in " ,[]{}=\"'") or value in ("true", "false", "null"):
-            raise ConfigError(f"preset value {value!r} needs quoting, which a $(...) override cannot carry")
-        return value
-    return json.dumps(value, separators=(",", ":"))
+def format_value(key: str, value: Any, source: Path) -> str:
+    """A value as ``dvc exp run -S`` parses it (YAML), compact and with no whitespace."""
+    if isinstance(value, str) and re.fullmatch(r"\d{4}-\d\d-\d\d \d\d:\d\d(:\d\d)?", value):
+        value = dt.datetime.fromisoformat(value)  # a date-time with a space: written with a T instead
+    if isinstance(value, dt.date):
+        text = value.isoformat()
+    elif isinstance(value, str):
+        text = value if value and yaml.safe_load(value) == value else json.dumps(value)
+    else:
+        text = json.dumps(value, separators=(",", ":"), default=str)
+    if any(c.isspace() for c in text):
+        raise ConfigError(f"{source}: {key}: value {value!r} contains whitespace, which $(...) would split; "
+                          "write it without spaces (e.g. a date as 2019-01-01T00:00:00)")  # fmt: skip
+    return text
 
 
-def overrides(preset: Path, params: Path) -> list[str]:
-    """Validate ``preset`` merged over ``params``; the ``-S`` arguments that apply it."""
-    extra = read_yaml(preset)
-    base = read_yaml(params) if params.is_file() else {}
-    from_dict(merge(base, extra), source=f"{params} + {preset}")
-    return [arg for key, value in leaves(extra) for arg in ("-S", f"{key}={override_value(value)}")]
+def overrides(preset: Path, params: Path) -> tuple[list[str], dict[str, Any]]:
+    """(``-S key=value`` arguments, merged params) for ``preset`` over ``params``; validated."""
+    tree = read_preset(preset)
+    base = yaml.safe_load(params.read_text()) if params.is_file() else {}
+    merged = merge(base or {}, tree)
+    config_mod.from_dict(merged, source=f"{preset} over {params}")  # one line naming the key at fault
+    args = []
+    for key, value in leaves(tree):
+        args += ["-S", f"{key}={format_value(key, value, preset)}"]
+    return args, merged
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("preset", type=Path, help="a presets/*.yaml file")
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params to merge over")
-    parser.add_argument("--yaml", action="store_true", help="print the merged params instead of -S overrides")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="base params (default: params.yaml)")
+    parser.add_argument("--format", choices=("s", "yaml"), default="s",
+                        help="s: -S key=value arguments for dvc exp run (default); yaml: the merged params")  # fmt: skip
     args = parser.parse_args(argv)
-    args_out = overrides(args.preset, args.params)
-    if args.yaml:
-        merged = merge(read_yaml(args.params) if args.params.is_file() else {}, read_yaml(args.preset))
-        print(yaml.safe_dump(merged, sort_keys=False), end="")
+    if not args.params.is_file():
+        raise ConfigError(f"{args.params}: params file not found; run from the repository root or pass --params")
+    s_args, merged = overrides(args.preset, args.params)
+    if args.format == "yaml":
+        sys.stdout.write(yaml.safe_dump(merged, sort_keys=False))
     else:
-        print(" ".join(args_out))
+        print(" ".join(s_args))
 
 
 if __name__ == "__main__":
-    sys.exit(run_stage(main))
+    raise SystemExit(run_stage(main))

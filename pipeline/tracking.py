@@ -9,16 +9,31 @@ different params sit side by side in the MLflow UI.
 Locations are absolute and built from ``DVC_ROOT`` (set by DVC, also inside the
 temporary copies of ``dvc exp run --queue``), so a queued run does not write
 its store into a directory that is deleted afterwards.
+
+The parent run carries every params.yaml key, flattened (``model.embed_dim``,
+``train.phase1.lr``, ...), so the UI's compare view can diff any of them; it is
+RUNNING while a stage runs and ends when the last stage ends, so its duration is
+the pipeline's. The experiment is tagged as a model-development experiment so
+MLflow 3's UI opens it on the runs table, not the GenAI view.
+
+A local sqlite store is shared by concurrent pipelines (``dvc queue start -j 2``,
+several search workers): it runs in WAL mode with a long busy timeout, and the
+first creation of its schema is serialised by a file lock.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import json
 import logging
 import os
+import sqlite3
 import subprocess
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,6 +45,9 @@ log = logging.getLogger("pipeline.tracking")
 
 KEY_TAG = "pipeline.key"
 PARENT_TAG = "pipeline.parent"
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+EXPERIMENT_KIND = "custom_model_development"  # MLflow 3 UI: open on the runs table, not GenAI traces
+SQLITE_TIMEOUT_S = 120  # how long a writer waits for another process's lock on a shared sqlite store
 
 
 def project_root() -> Path:
@@ -44,6 +62,114 @@ def tracking_uri(uri: str | None) -> str:
             return f"sqlite:///{project_root() / uri[len('sqlite:///'):]}"
         return uri
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def redact(uri: str) -> str:
+    """``scheme://user:secret@host/db`` -> ``scheme://user:***@host/db`` (for messages)."""
+    if "://" in uri and "@" in uri.split("://", 1)[1].split("/", 1)[0]:
+        scheme, rest = uri.split("://", 1)
+        creds, host = rest.split("@", 1)
+        user = creds.split(":", 1)[0]
+        return f"{scheme}://{user}:***@{host}" if ":" in creds else uri
+    return uri
+
+
+_DRIVERS = {  # SQLAlchemy dialect[+driver] -> (module, pip requirement)
+    "postgresql": ("psycopg", "psycopg[binary]"),
+    "postgresql+psycopg": ("psycopg", "psycopg[binary]"),
+    "postgresql+psycopg2": ("psycopg2", "psycopg2-binary"),
+    "mysql": ("MySQLdb", "mysqlclient"),
+    "mysql+pymysql": ("pymysql", "PyMySQL"),
+    "mssql": ("pyodbc", "pyodbc"),
+}
+
+
+def check_store_url(uri: str, key: str, *, connect_timeout_s: float = 5.0) -> None:
+    """Fail fast with one line naming ``key`` when a store URL cannot be used.
+
+    Checks the scheme, that the database driver is installed, and that the server answers
+    (RDB: one connection with a short timeout; http(s): MLflow's ``/health``). sqlite and
+    file stores are checked by their first use. Raises :class:`PipelineError`.
+    """
+    shown = redact(uri)
+    scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+    if not scheme or scheme == "file" or scheme.startswith("sqlite"):
+        return
+    if scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=connect_timeout_s) as resp:
+                resp.read()
+        except (urllib.error.URLError, OSError) as err:
+            reason = getattr(err, "reason", err)
+            raise PipelineError(
+                f"{key} = {shown}: MLflow server not reachable ({reason}); start it (see README, 'Team set-up') or fix {key}"
+            ) from None
+        return
+    if scheme in ("databricks", "databricks-uc", "uc"):
+        return
+    if scheme not in _DRIVERS:
+        raise PipelineError(
+            f"{key} = {shown}: unknown scheme '{scheme}'; use sqlite:///path.db, postgresql://user:pass@host/db or http://host:port"
+        )
+    module, requirement = _DRIVERS[scheme]
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        raise PipelineError(
+            f"{key} = {shown}: database driver '{module}' is not installed; pip install '{requirement}' "
+            "(psycopg is pinned in requirements.lock: make install)"
+        ) from None
+    import sqlalchemy
+    from sqlalchemy.exc import SQLAlchemyError
+
+    args = {"connect_timeout": int(max(1, connect_timeout_s))} if scheme.startswith("postgresql") else {}
+    try:
+        engine = sqlalchemy.create_engine(uri, connect_args=args, poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect():
+            pass
+    except (SQLAlchemyError, OSError) as err:
+        first = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+        raise PipelineError(f"{key} = {shown}: database not reachable ({first}); start the server or fix {key}") from None
+    except Exception as err:  # noqa: BLE001 - a malformed URL raises plain ArgumentError/ValueError
+        raise PipelineError(f"{key} = {shown}: not a usable database URL ({err}); fix {key}") from None
+
+
+def _sqlite_path(uri: str) -> Path | None:
+    if not uri.startswith("sqlite:///"):
+        return None
+    raw = uri[len("sqlite:///"):].split("?", 1)[0]
+    return Path(raw) if raw and raw != ":memory:" else None
+
+
+def with_busy_timeout(uri: str) -> str:
+    """A sqlite URL with a long busy timeout, so concurrent writers wait instead of failing."""
+    if _sqlite_path(uri) is None or "timeout=" in uri:
+        return uri
+    return f"{uri}{'&' if '?' in uri else '?'}timeout={SQLITE_TIMEOUT_S}"
+
+
+@contextlib.contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """Serialise the first use of a local sqlite store (schema creation) across processes."""
+    path = _sqlite_path(uri)
+    if path is None:
+        yield
+        return
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(path) + ".lock", timeout=SQLITE_TIMEOUT_S):
+        yield
+
+
+def _enable_wal(uri: str) -> None:
+    """WAL lets readers go on while one process writes (persistent in the file; idempotent)."""
+    path = _sqlite_path(uri)
+    if path is None or not path.exists():
+        return
+    with contextlib.suppress(sqlite3.Error), contextlib.closing(sqlite3.connect(path, timeout=SQLITE_TIMEOUT_S)) as db:
+        if db.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+            db.execute("PRAGMA journal_mode=WAL")
 
 
 def flatten(prefix: str, value: Any) -> dict[str, str]:
@@ -75,9 +201,7 @@ def pipeline_key(cfg: Config) -> str:
     exp = os.environ.get("DVC_EXP_NAME")
     if exp:
         return f"exp:{exp}"
-    rev = ""
-    with contextlib.suppress(OSError, subprocess.SubprocessError):
-        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=project_root(), timeout=10).stdout.strip()
+    rev = _git_rev()
     blob = json.dumps(cfg.model_dump(mode="json"), sort_keys=True) + rev
     return "params:" + hashlib.sha1(blob.encode()).hexdigest()[:16]
 
@@ -86,27 +210,85 @@ def _experiment_id(client: Any, name: str) -> str:
     import mlflow
 
     exp = client.get_experiment_by_name(name)
-    if exp is not None:
-        return exp.experiment_id
-    try:
-        return client.create_experiment(name, artifact_location=(project_root() / "mlruns").as_uri())
-    except mlflow.exceptions.MlflowException:  # another stage process created it first
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
+    if exp is None:
+        try:
+            return client.create_experiment(
+                name, artifact_location=(project_root() / "mlruns").as_uri(), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+            )
+        except mlflow.exceptions.MlflowException:  # another stage process created it first
+            exp = client.get_experiment_by_name(name)
+            if exp is None:
+                raise
+    if exp.tags.get(EXPERIMENT_KIND_TAG) != EXPERIMENT_KIND:
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    return exp.experiment_id
 
 
-def _parent_run_id(client: Any, experiment_id: str, key: str) -> str:
+def runs_table_url(base_url: str, experiment_id: str) -> str:
+    """The MLflow 3 UI's runs table of an experiment (not its GenAI traces view)."""
+    return f"{base_url.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def _log_params_batched(client: Any, run_id: str, params: Mapping[str, str]) -> None:
+    from mlflow.entities import Param
+
+    items = [Param(k, v[:6000]) for k, v in params.items()]
+    for start in range(0, len(items), 100):  # MLflow's per-batch limit
+        client.log_batch(run_id, params=items[start : start + 100])
+
+
+def _parent_run_id(client: Any, experiment_id: str, key: str, cfg: Config) -> str:
+    """Find (or create, with every params.yaml key) this pipeline's parent run, and mark it RUNNING."""
     found = client.search_runs(
         [experiment_id], filter_string=f"tags.`{KEY_TAG}` = '{key}' and tags.`{PARENT_TAG}` = 'true'", max_results=1
     )
     if found:
-        return found[0].info.run_id
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        return run_id
     name = os.environ.get("DVC_EXP_NAME") or f"pipeline-{key.split(':')[-1][:8]}"
-    run = client.create_run(experiment_id, run_name=name, tags={KEY_TAG: key, PARENT_TAG: "true"})
-    client.set_terminated(run.info.run_id)  # a grouping run: it holds no work of its own
+    tags = {KEY_TAG: key, PARENT_TAG: "true"}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    rev = _git_rev()
+    if rev:
+        tags["mlflow.source.git.commit"] = rev
+    run = client.create_run(experiment_id, run_name=name, tags=tags)
+    _log_params_batched(client, run.info.run_id, flatten("", cfg))
     return run.info.run_id
+
+
+def _git_rev() -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=project_root(), timeout=10
+        ).stdout.strip()
+    return ""
+
+
+def _end_parent(client: Any, parent: str, status: str) -> None:
+    """The parent ends with its latest stage, so its duration spans the pipeline's stages."""
+    with contextlib.suppress(Exception):  # never let bookkeeping hide the stage's own outcome
+        client.set_terminated(parent, status=status, end_time=int(time.time() * 1000))
+
+
+def ensure_experiment(cfg: Config) -> tuple[str, str]:
+    """The tracking store's URI and this project's experiment id (created and tagged if new)."""
+    import mlflow
+    from mlflow.tracking import MlflowClient
+    from sqlalchemy.exc import SQLAlchemyError
+
+    shown_uri = tracking_uri(cfg.tracking.uri)
+    check_store_url(shown_uri, "tracking.uri")
+    uri = with_busy_timeout(shown_uri)
+    try:
+        with _store_lock(uri):
+            experiment_id = _experiment_id(MlflowClient(uri), cfg.tracking.experiment)
+            _enable_wal(uri)
+    except (mlflow.exceptions.MlflowException, OSError, SQLAlchemyError, ImportError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise PipelineError(f"tracking.uri = {redact(shown_uri)}: MLflow store not usable ({first}); fix tracking.uri or MLFLOW_TRACKING_URI") from None
+    return uri, experiment_id
 
 
 class _NoTracking:
@@ -130,28 +312,41 @@ def stage_run(cfg: Config, stage: str, sections: tuple[str, ...] = ()) -> Iterat
     from mlflow.tracking import MlflowClient
     from sqlalchemy.exc import SQLAlchemyError
 
-    uri = tracking_uri(cfg.tracking.uri)
+    shown_uri = tracking_uri(cfg.tracking.uri)
+    check_store_url(shown_uri, "tracking.uri")
+    uri = with_busy_timeout(shown_uri)
     for noisy in ("alembic", "mlflow.store.db.utils"):  # schema set-up chatter on a new store
         logging.getLogger(noisy).setLevel(logging.WARNING)
     mlflow.set_tracking_uri(uri)
     try:
-        client = MlflowClient(uri)
-        experiment_id = _experiment_id(client, cfg.tracking.experiment)
+        with _store_lock(uri):
+            client = MlflowClient(uri)
+            experiment_id = _experiment_id(client, cfg.tracking.experiment)
+            _enable_wal(uri)
         key = pipeline_key(cfg)
-        parent = _parent_run_id(client, experiment_id, key)
-    except (mlflow.exceptions.MlflowException, OSError, SQLAlchemyError) as err:
-        raise PipelineError(f"tracking.uri = {uri}: MLflow store not usable ({str(err).splitlines()[0]}); fix tracking.uri or MLFLOW_TRACKING_URI") from None
+        parent = _parent_run_id(client, experiment_id, key, cfg)
+    except (mlflow.exceptions.MlflowException, OSError, SQLAlchemyError, ImportError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise PipelineError(
+            f"tracking.uri = {redact(shown_uri)}: MLflow store not usable ({first}); fix tracking.uri or MLFLOW_TRACKING_URI"
+        ) from None
     tags = {KEY_TAG: key, "pipeline.stage": stage}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
-    with mlflow.start_run(
-        experiment_id=experiment_id, run_name=stage, parent_run_id=parent, tags=tags,
-        log_system_metrics=cfg.tracking.log_system_metrics,
-    ) as run:
-        params: dict[str, str] = {}
-        for section in sections:
-            params.update(flatten(section, getattr(cfg, section)))
-        if params:
-            mlflow.log_params(params)
-        log.info("mlflow: run %s (%s) under parent %s at %s", run.info.run_id[:8], stage, parent[:8], uri)
-        yield mlflow
+    status = "FAILED"
+    try:
+        with mlflow.start_run(
+            experiment_id=experiment_id, run_name=stage, parent_run_id=parent, tags=tags,
+            log_system_metrics=cfg.tracking.log_system_metrics,
+        ) as run:
+            params: dict[str, str] = {}
+            for section in sections:
+                params.update(flatten(section, getattr(cfg, section)))
+            if params:
+                mlflow.log_params(params)
+            log.info("mlflow: run %s (%s) under parent %s at %s", run.info.run_id[:8], stage, parent[:8], redact(shown_uri))
+            log.info("mlflow: runs table %s", runs_table_url("http://127.0.0.1:5000", experiment_id))
+            yield mlflow
+        status = "FINISHED"
+    finally:
+        _end_parent(client, parent, status)

@@ -23,11 +23,11 @@ import pandas as pd
 import pytest
 
 from pipeline import chunk, sevir
-from pipeline.sevir import windows
 from pipeline.cli import run_stage
 from pipeline.config import SplitConfig, WindowsConfig
-from pipeline.sevir.dataset import WindowDataset
 from pipeline.errors import DataError
+from pipeline.sevir import windows
+from pipeline.sevir.dataset import WindowDataset
 
 SIZE = 12
 REPO = Path(__file__).resolve().parents[1]
@@ -202,6 +202,57 @@ def test_memory_clip_is_the_long_clip_ending_with_the_target(sample, tmp_path, i
                                       event[:, :, first : first + M].transpose(2, 0, 1))  # fmt: skip
 
 
+# --------------------------------------------------------------- frame_step (SEVIR-LR)
+@pytest.mark.parametrize(
+    ("frames", "step", "in_len", "out_len", "stride", "memory_len", "count"),
+    [(49, 2, 7, 6, 12, None, 2), (49, 2, 7, 6, 6, None, 3), (49, 2, 7, 6, 1, None, 13), (49, 2, 13, 12, 12, None, 1),
+     (49, 3, 7, 6, 2, None, 3), (48, 2, 7, 6, 6, None, 2), (49, 2, 7, 6, 6, 19, 2), (49, 1, 7, 6, 6, None, 7)],
+)  # fmt: skip
+def test_window_count_covers_frame_step(frames, step, in_len, out_len, stride, memory_len, count):
+    kept = (frames - 1) // step + 1  # frames 0, step, 2*step, ... of the event
+    assert windows.kept_frames(frames, step) == kept == len(range(0, frames, step))
+    long = memory_len or in_len + out_len
+    assert expected_count(kept, in_len + out_len, stride, long) == count
+    cfg = WindowsConfig(in_len=in_len, out_len=out_len, stride=stride, memory_len=memory_len, frame_step=step)
+    grid = windows.Grid.of(frames, cfg)
+    assert len(grid.starts) == count
+    assert grid.raw_slice.step == step and grid.frame_offset == grid.first * step
+
+
+def test_frame_step_2_windows_hold_every_second_frame(sample, tmp_path):
+    """SEVIR-LR: 10-minute frames, 7 in -> 6 out; 25 kept frames per 49-frame event, stride 6 -> 3 windows."""
+    stats = run(sample, tmp_path, in_len=7, out_len=6, stride=6, frame_step=2)
+    assert stats["frames_per_event"] == 25 and stats["frame_step"] == 2
+    for split, ids in sample.expected.items():
+        out = read_split(tmp_path, split)
+        assert out["attrs"]["frame_step"] == 2 and out["attrs"]["frame_minutes"] == 10
+        assert stats[split]["windows"] == len(out["window_start"]) == 3 * len(ids)
+        found = []
+        for row, start in zip(out["window_event"], out["window_start"], strict=True):
+            event_id = out["event_id"][row].decode()
+            first = int(out["frame_offset"][row]) + 2 * int(start)  # in the original event
+            found.append((event_id, first))
+            expected = sample.vil[event_id][:, :, first : first + 2 * 13 : 2].transpose(2, 0, 1)
+            np.testing.assert_array_equal(out["vil"][row, start : start + 13], expected)
+        assert sorted(found) == [(e, s) for e in sorted(ids) for s in (0, 12, 24)]
+    dataset = WindowDataset(tmp_path / "windows" / "val.h5")
+    assert dataset[0]["inputs"].shape[0] == 7 and dataset[0]["targets"].shape[0] == 6
+    assert [dataset.info(i)["start"] for i in range(3)] == [0, 12, 24]
+
+
+def test_frame_step_2_stats_count_the_kept_frames_only(sample, tmp_path):
+    stats = run(sample, tmp_path, in_len=7, out_len=6, stride=12, frame_step=2)  # windows at kept 0 and 12: 25 kept
+    pixels = np.stack([sample.vil[e][:, :, 0:49:2] for e in sorted(sample.expected["test"])])
+    assert stats["test"]["exceed_133"] == pytest.approx(np.mean(pixels >= 133), abs=1e-6)
+
+
+def test_windows_longer_than_the_kept_frames_are_a_config_error():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="exceeds the 25 frames a SEVIR event has at windows.frame_step = 2"):
+        WindowsConfig(in_len=13, out_len=13, frame_step=2)
+
+
 def test_each_event_is_stored_once_so_writes_equal_reads(sample, tmp_path):
     stats = run(sample, tmp_path)
     rows = sum(read_split(tmp_path, s)["vil"].shape[0] for s in windows.SPLITS)
@@ -370,11 +421,54 @@ def test_reads_at_most_chunk_events_events_per_call_in_file_order(sample, tmp_pa
         return block
 
     monkeypatch.setattr(windows, "read_block", spy)
-    run(sample, tmp_path, chunk_events=2)
+    run(sample, tmp_path, chunk_events=2, workers=1)
     assert calls and max(stop - start for _, start, stop in calls) <= 2
     assert calls == sorted(calls)  # grouped by file, file_index increasing: one sequential pass
     assert sum(stop - start for _, start, stop in calls) == len(sample.vil)  # each kept event read once
-    assert len(buffers) == 2 < len(calls)  # into two reused buffers: memory does not grow with the file
+    assert len(buffers) == 3 < len(calls)  # into workers + 2 reused buffers: memory does not grow with the file
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_more_workers_write_the_same_files_and_stats(sample, tmp_path, workers):
+    one = run(sample, tmp_path / "one", workers=1)
+    many = run(sample, tmp_path / "many", workers=workers)
+    assert {k: v for k, v in one.items() if k != "bytes_written"} == {k: v for k, v in many.items() if k != "bytes_written"}
+    for split in windows.SPLITS:
+        a, b = read_split(tmp_path / "one", split), read_split(tmp_path / "many", split)
+        for name in ("vil", "event_id", "frame_offset", "window_event", "window_start"):
+            np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_plain_bytes_and_hdf5_reads_agree(sample, tmp_path):
+    """SEVIR files are contiguous: events are read with pread. A chunked (or compressed) file goes
+    through h5py; both give the same windows."""
+    plain = run(sample, tmp_path / "plain")
+    with sevir.VilFile(sample.raw / FILE_2019) as f:
+        assert f.contiguous() is not None
+    for name in (FILE_2018, FILE_2019):
+        path = sample.raw / name
+        with h5py.File(path, "r") as f:
+            ids, vil = f["id"][()], f["vil"][()]
+        with h5py.File(path, "w") as f:
+            f.create_dataset("id", data=ids)
+            f.create_dataset("vil", data=vil, chunks=(1, SIZE, SIZE, vil.shape[3]), compression="gzip")
+    with sevir.VilFile(sample.raw / FILE_2019) as f:
+        assert f.contiguous() is None
+    chunked = run(sample, tmp_path / "chunked")
+    assert {k: v for k, v in plain.items() if k != "bytes_written"} == {k: v for k, v in chunked.items() if k != "bytes_written"}
+    for split in windows.SPLITS:
+        np.testing.assert_array_equal(read_split(tmp_path / "plain", split)["vil"], read_split(tmp_path / "chunked", split)["vil"])
+
+
+def test_a_plain_file_cut_short_is_one_clear_error(sample, tmp_path):
+    path = sample.raw / FILE_2019
+    with sevir.VilFile(path) as f:
+        offset = f.contiguous()[1]
+        cut = offset + f.vil.nbytes // 2
+    with open(path, "r+b") as f:  # keep the header (h5py still opens it), lose the second half of the events
+        f.truncate(cut)
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        run(sample, tmp_path)
 
 
 def test_a_file_index_gap_splits_a_read(sample, tmp_path, monkeypatch):

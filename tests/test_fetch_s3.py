@@ -35,10 +35,9 @@ import pandas as pd
 import pytest
 from botocore.config import Config as BotoConfig
 
-from pipeline.sevir import s3
 from pipeline.config import S3Source
 from pipeline.errors import DataError
-from pipeline.sevir import CATALOG_COLUMNS, PROJ, SOURCE_ROOT_NAME, data_root_of, read_catalog
+from pipeline.sevir import CATALOG_COLUMNS, PROJ, SOURCE_ROOT_NAME, data_root_of, read_catalog, s3
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "sevir"
@@ -65,13 +64,16 @@ IR_2019A = "ir069/2019/SEVIR_IR069_STORMEVENTS_2019_0101_0630.h5"
 IR_2019B = "ir069/2019/SEVIR_IR069_STORMEVENTS_2019_0701_1231.h5"
 
 
-def vil_h5(ids: list[str], seed: int) -> bytes:
-    """A SEVIR-layout VIL file: ``id`` (N,) bytes and ``vil`` (N, 16, 16, 49) uint8."""
+def vil_h5(ids: list[str], seed: int, pad: int = 0) -> bytes:
+    """A SEVIR-layout VIL file: ``id`` (N,) bytes and ``vil`` (N, 16, 16, 49) uint8; with ``pad``
+    an extra dataset of that many random bytes (a larger object, still a valid file)."""
     rng = np.random.default_rng(seed)
     buf = io.BytesIO()
     with h5py.File(buf, "w") as f:
         f.create_dataset("id", data=np.array([i.encode() for i in ids]))
         f.create_dataset("vil", data=rng.integers(0, 256, (len(ids), SIDE, SIDE, FRAMES), dtype=np.uint8))
+        if pad:
+            f.create_dataset("pad", data=rng.integers(0, 256, pad, dtype=np.uint8))
     return buf.getvalue()
 
 
@@ -208,6 +210,7 @@ class Fault:
     times: int = 1
     status: int = 503
     after: int = 0
+    skip: int = 0  # let this many matching requests through untouched first
 
 
 @dataclass
@@ -228,6 +231,7 @@ class FaultProxy:
     seen: list[Seen] = field(default_factory=list)
     stalled: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # requests arrive on several threads
 
     def start(self) -> None:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
@@ -248,10 +252,14 @@ class FaultProxy:
         return [s for s in self.seen if s.method == "GET" and (key is None or s.key == key)]
 
     def take_fault(self, method: str, key: str) -> Fault | None:
-        for fault in self.faults:
-            if fault.method == method and fault.key == key and fault.times != 0:
-                fault.times -= 1
-                return fault
+        with self.lock:
+            for fault in self.faults:
+                if fault.method == method and fault.key == key and fault.times != 0:
+                    if fault.skip:
+                        fault.skip -= 1
+                        return None
+                    fault.times -= 1
+                    return fault
         return None
 
 
@@ -455,7 +463,8 @@ def test_changed_object_is_downloaded_again(
     root = tmp_path / "raw"
     cfg = source(proxy, years=[2018])
     s3.fetch_s3(root, cfg, progress=False)
-    new = bytes(reversed(sevir_objects[f"data/{FILE_2018}"]))  # same size, other bytes
+    new = vil_h5(["S1", "S2"], seed=99)  # same layout and size, other bytes
+    assert len(new) == len(sevir_objects[f"data/{FILE_2018}"]) and new != sevir_objects[f"data/{FILE_2018}"]
     bucket.put(f"data/{FILE_2018}", new)
     proxy.seen.clear()
     s3.fetch_s3(root, cfg, progress=False)
@@ -601,13 +610,16 @@ def test_multipart_etag_is_verified(
     import moto.s3.models
 
     monkeypatch.setattr(moto.s3.models, "S3_UPLOAD_PART_MIN_SIZE", 1024)  # the server runs in this process
-    body = np.random.default_rng(7).integers(0, 256, 5 * s3.MiB // 2, dtype=np.uint8).tobytes()
+    body = vil_h5(["S1", "S2"], seed=7, pad=5 * s3.MiB // 2)  # a valid VIL file of ~2.5 MiB
     etag = bucket.put_multipart(f"data/{FILE_2018}", body, part_size=s3.MiB)
     assert etag.endswith("-3")
 
     root = tmp_path / "raw"
+    real_etags = s3.multipart_etags
+    _forbid_reread(monkeypatch)  # the part MD5s are computed while the bytes stream in
     with caplog.at_level(logging.DEBUG, logger="pipeline.fetch"):
         s3.fetch_s3(root, source(proxy, years=[2018], part_size_mb=1), progress=False)
+    monkeypatch.setattr(s3, "multipart_etags", real_etags)
     manifest = json.loads((root / s3.STATE_DIR / s3.MANIFEST_NAME).read_text())
     assert manifest[FILE_2018]["verified"] == "multipart MD5 (1.0 MiB parts)"
     assert (root / FILE_2018).read_bytes() == body
@@ -767,3 +779,253 @@ def test_pointer_left_by_a_local_source_is_removed(tmp_path: Path, proxy: FaultP
     (root / SOURCE_ROOT_NAME).write_text(f"{tmp_path / 'elsewhere'}\n")
     s3.fetch_s3(root, source(proxy, years=[2018]), progress=False)
     assert data_root_of(root) == root  # file names resolve against the downloaded files
+
+
+# ---------------------------------------------------------------------------------- concurrency
+def _forbid_reread(monkeypatch: pytest.MonkeyPatch) -> None:
+    def reread(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a downloaded file was read again to hash it")
+
+    monkeypatch.setattr(s3, "file_md5", reread)
+    monkeypatch.setattr(s3, "multipart_etags", reread)
+
+
+def test_files_download_concurrently_and_one_stall_does_not_hold_the_others(
+    tmp_path: Path, proxy: FaultProxy, sevir_objects: dict[str, bytes], sleeps: list[float]
+) -> None:
+    root = tmp_path / "raw"
+    stalled = f"data/{FILE_2018}"
+    proxy.faults.append(Fault(stalled, "stall", after=5_000))
+    others = [name for name in VIL_FILES if name != FILE_2018]
+    done = threading.Event()
+
+    def release_when_the_others_are_done() -> None:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all((root / name).exists() for name in others):
+            time.sleep(0.02)
+        done.set()
+        proxy.release.set()
+
+    assert proxy.stalled is not None
+    watcher = threading.Thread(target=release_when_the_others_are_done)
+    watcher.start()
+    s3.fetch_s3(root, source(proxy, concurrency=4), progress=False)
+    watcher.join()
+    assert done.is_set() and all((root / name).exists() for name in others)
+    for name in VIL_FILES:
+        assert (root / name).read_bytes() == sevir_objects[f"data/{name}"]
+    gets = proxy.gets(stalled)
+    assert [g.range for g in gets][0] is None and gets[-1].range is not None  # the stalled stream was resumed
+    manifest = json.loads((root / s3.STATE_DIR / s3.MANIFEST_NAME).read_text())
+    assert {manifest[name]["verified"] for name in VIL_FILES} == {"MD5"}
+
+
+def test_concurrent_download_hashes_while_streaming(
+    tmp_path: Path, proxy: FaultProxy, sevir_objects: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _forbid_reread(monkeypatch)
+    root = tmp_path / "raw"
+    s3.fetch_s3(root, source(proxy, concurrency=3), progress=False)
+    for name in VIL_FILES:
+        assert (root / name).read_bytes() == sevir_objects[f"data/{name}"]
+    manifest = json.loads((root / s3.STATE_DIR / s3.MANIFEST_NAME).read_text())
+    assert {manifest[name]["verified"] for name in VIL_FILES} == {"MD5"}
+
+
+def test_a_resumed_download_hashes_the_kept_part_and_streams_the_rest(
+    tmp_path: Path, proxy: FaultProxy, sevir_objects: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _forbid_reread(monkeypatch)
+    root = tmp_path / "raw"
+    content = sevir_objects[f"data/{FILE_2018}"]
+    begin_partial(root, FILE_2018, content[:10_000], md5(content), len(content))
+    s3.fetch_s3(root, source(proxy, years=[2018]), progress=False)
+    assert [g.range for g in proxy.gets(f"data/{FILE_2018}")] == ["bytes=10000-"]
+    assert (root / FILE_2018).read_bytes() == content
+
+
+def test_corruption_with_concurrency_fails_that_file_and_keeps_the_rest(
+    tmp_path: Path, proxy: FaultProxy, sevir_objects: dict[str, bytes]
+) -> None:
+    root = tmp_path / "raw"
+    key = f"data/{FILE_2019B}"
+    proxy.faults.append(Fault(key, "corrupt", times=-1))
+    with pytest.raises(DataError, match=rf"s3://sevir/{key}: downloaded data failed verification twice"):
+        s3.fetch_s3(root, source(proxy, concurrency=4), progress=False)
+    assert len(proxy.gets(key)) == 2
+    assert not (root / FILE_2019B).exists() and not (root / f"{FILE_2019B}.part").exists()
+    assert not (root / "CATALOG.csv").exists()
+    for name in VIL_FILES:  # every other file is finished and verified, or a resumable partial
+        if name != FILE_2019B and (root / name).exists():
+            assert (root / name).read_bytes() == sevir_objects[f"data/{name}"]
+
+    proxy.faults.clear()
+    finished = {name for name in VIL_FILES if (root / name).exists()}
+    proxy.seen.clear()
+    s3.fetch_s3(root, source(proxy, concurrency=4), progress=False)
+    assert {g.key for g in proxy.gets()} == {f"data/{n}" for n in set(VIL_FILES) - finished}  # catalog cached
+    for name in VIL_FILES:
+        assert (root / name).read_bytes() == sevir_objects[f"data/{name}"]
+
+
+KILLED_CONCURRENT_FETCH = """
+import json, sys
+from pathlib import Path
+import pipeline.sevir.s3 as s3
+from pipeline.config import S3Source
+s3.CHUNK_BYTES = 4096
+s3.fetch_s3(Path(sys.argv[1]), S3Source(**json.loads(sys.argv[2])), progress=False)
+"""
+
+
+def test_killed_concurrent_fetch_resumes_only_what_is_missing(
+    tmp_path: Path, proxy: FaultProxy, sevir_objects: dict[str, bytes]
+) -> None:
+    """kill -9 while four files download at once, one of them stalled mid-way: the next run
+    requests only the stalled file's missing bytes, and every file ends up verified."""
+    root = tmp_path / "raw"
+    key, part = f"data/{FILE_2018}", root / f"{FILE_2018}.part"
+    cfg = source(proxy, concurrency=4)
+    proxy.faults.append(Fault(key, "stall", after=10_000))
+    others = [name for name in VIL_FILES if name != FILE_2018]
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_CONCURRENT_FETCH, str(root), cfg.model_dump_json()],
+                            cwd=REPO, env=env, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        assert proxy.stalled.wait(30), proc.stderr.read().decode() if proc.poll() is not None else "no stall"
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (
+            all((root / n).exists() for n in others) and part.exists() and part.stat().st_size >= 8192
+        ):
+            time.sleep(0.02)
+    finally:
+        proc.kill()  # SIGKILL: no cleanup runs
+        proc.wait()
+        proxy.release.set()
+    have = part.stat().st_size
+    assert 8192 <= have < len(sevir_objects[key]) and all((root / n).exists() for n in others)
+    assert not (root / "CATALOG.csv").exists()
+    proxy.seen.clear()
+
+    s3.fetch_s3(root, cfg, progress=False)
+
+    assert [(s.key, s.range) for s in proxy.gets()] == [(key, f"bytes={have}-")]
+    for name in VIL_FILES:
+        assert (root / name).read_bytes() == sevir_objects[f"data/{name}"]
+    assert sorted(catalog_text(root)["id"]) == ["R1", "R2", "S1", "S2", "S3", "S4", "S5", "S6"]
+
+
+# ------------------------------------------------------------------- ranged parts of one file
+PART = 4096  # RANGE_PART_BYTES in these tests: the ~27 KB test files come in 7 parts
+
+
+@pytest.fixture
+def small_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(s3, "RANGE_PART_BYTES", PART)
+    monkeypatch.setattr(s3, "CHUNK_BYTES", 1024)
+
+
+def _ranges(gets: list[Seen]) -> list[tuple[int, int]]:
+    out = []
+    for get in gets:
+        assert get.range is not None and get.range.startswith("bytes=")
+        a, b = get.range.removeprefix("bytes=").split("-")
+        out.append((int(a), int(b) if b else -1))  # -1: to the end
+    return sorted(out)
+
+
+def test_one_file_is_fetched_in_ranged_parts_in_parallel(
+    tmp_path: Path, proxy: FaultProxy, sevir_objects: dict[str, bytes], small_parts: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    _forbid_reread(monkeypatch)  # hashed in order as the parts are appended
+    root, key = tmp_path / "raw", f"data/{FILE_2018}"
+    content = sevir_objects[key]
+    s3.fetch_s3(root, source(proxy, years=[2018], concurrency=4), progress=False)
+    assert (root / FILE_2018).read_bytes() == content
+    expected = [(a, min(a + PART, len(content)) - 1) for a in range(0, len(content), PART)]
+    assert _ranges(proxy.gets(key)) == expected  # every part once, no overlap, nothing missing
+    manifest = json.loads((root / s3.STATE_DIR / s3.MANIFEST_NAME).read_text())
+    assert manifest[FILE_2018]["verified"] == "MD5"
+
+
+def test_ranged_parts_are_retried_on_their_own(
+    tmp_path: Path, proxy: FaultProxy, sevir_objects: dict[str, bytes], small_parts: None, sleeps: list[float]
+) -> None:
+    root, key = tmp_path / "raw", f"data/{FILE_2018}"
+    proxy.faults += [Fault(key, "status", status=503, skip=2), Fault(key, "cut", after=1500, skip=4)]
+    s3.fetch_s3(root, source(proxy, years=[2018], concurrency=4), progress=False)
+    assert (root / FILE_2018).read_bytes() == sevir_objects[key]
+    statuses = [g.status for g in proxy.gets(key)]
+    assert statuses.count(503) == 1 and len(sleeps) == 2
+    cut = next(g for g in proxy.gets(key) if g.sent == 1500)
+    [(start, end)] = _ranges([cut])
+    resumed = [r for r in _ranges(proxy.gets(key)) if r[1] == end and r[0] > start]
+    assert [r[0] for r in resumed] in ([start + 1024], [start + 1500])  # within the part, from the bytes kept
+
+
+def test_ranged_corruption_fails_verification_and_leaves_nothing(
+    tmp_path: Path, proxy: FaultProxy, small_parts: None
+) -> None:
+    root, key = tmp_path / "raw", f"data/{FILE_2018}"
+    proxy.faults.append(Fault(key, "corrupt", times=-1))
+    with pytest.raises(DataError, match=rf"s3://sevir/{key}: downloaded data failed verification twice \(MD5"):
+        s3.fetch_s3(root, source(proxy, years=[2018], concurrency=4), progress=False)
+    assert not (root / FILE_2018).exists() and not (root / f"{FILE_2018}.part").exists()
+
+
+def test_a_server_ignoring_ranges_falls_back_to_one_stream(
+    tmp_path: Path, proxy: FaultProxy, sevir_objects: dict[str, bytes], small_parts: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    root, key = tmp_path / "raw", f"data/{FILE_2018}"
+    proxy.faults.append(Fault(key, "ignore-range", times=-1))
+    with caplog.at_level(logging.WARNING, logger="pipeline.fetch"):
+        s3.fetch_s3(root, source(proxy, years=[2018], concurrency=4), progress=False)
+    assert "going on with one stream" in caplog.text
+    assert (root / FILE_2018).read_bytes() == sevir_objects[key]
+
+
+KILLED_RANGED_FETCH = """
+import json, sys
+from pathlib import Path
+import pipeline.sevir.s3 as s3
+from pipeline.config import S3Source
+s3.RANGE_PART_BYTES = 4096
+s3.CHUNK_BYTES = 1024
+s3.fetch_s3(Path(sys.argv[1]), S3Source(**json.loads(sys.argv[2])), progress=False)
+"""
+
+
+def test_killed_ranged_fetch_resumes_after_the_parts_on_disk(
+    tmp_path: Path, proxy: FaultProxy, sevir_objects: dict[str, bytes]
+) -> None:
+    """kill -9 while one file comes in 4 parallel ranged parts, one part stalled: the partial file
+    is the parts before it, in order; the next run fetches only the rest and verifies it."""
+    root, key = tmp_path / "raw", f"data/{FILE_2018}"
+    part, content = root / f"{FILE_2018}.part", sevir_objects[key]
+    cfg = source(proxy, years=[2018], concurrency=4)
+    proxy.faults.append(Fault(key, "stall", after=1000, skip=3))
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RANGED_FETCH, str(root), cfg.model_dump_json()],
+                            cwd=REPO, env=env, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        assert proxy.stalled.wait(30), proc.stderr.read().decode() if proc.poll() is not None else "no stall"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (part.stat().st_size if part.exists() else 0) < PART:
+            time.sleep(0.02)
+        time.sleep(0.3)  # let every part before the stalled one reach the file
+    finally:
+        proc.kill()
+        proc.wait()
+        proxy.release.set()
+    have = part.stat().st_size
+    assert have % PART == 0 and PART <= have < len(content)
+    assert part.read_bytes() == content[:have]  # a prefix, in order
+    proxy.seen.clear()
+
+    s3.fetch_s3(root, cfg, progress=False)  # the default part size: the rest is one ranged stream or a few
+
+    gets = proxy.gets(key)
+    assert min(_ranges(gets))[0] == have and sum(g.sent for g in gets) == len(content) - have
+    assert (root / FILE_2018).read_bytes() == content

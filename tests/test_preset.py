@@ -1,79 +1,65 @@
-"""presets/*.yaml and `python -m pipeline.preset`: valid presets, -S overrides that reproduce them, one-line errors."""
+"""pipeline.preset: presets/*.yaml -> validated `-S key=value` arguments for `dvc exp run`."""
 
 from __future__ import annotations
 
-import shlex
-import subprocess
-import sys
+from pathlib import Path
 
 import pytest
 import yaml
 
-from pipeline.config import from_dict, load
-from pipeline.preset import main as preset_main
-from pipeline.preset import merge, overrides
+from pipeline import config as config_mod
+from pipeline import preset
+from pipeline.cli import run_stage
 
-PRESETS = ["reference_sevir.yaml", "small_gpu.yaml"]
+REPO = Path(__file__).resolve().parents[1]
+PRESETS = sorted((REPO / "presets").glob("*.yaml"))
+DATA_PRESETS = ["sevir_lr.yaml", "earthformer.yaml", "reference_12_24.yaml"]
 
 
-def _apply(params: dict, args: list[str]) -> dict:
-    """Apply `-S key=value` pairs the way dvc does: the value parsed as YAML (the override grammar's subset)."""
-    out = yaml.safe_load(yaml.safe_dump(params))
-    for flag, pair in zip(args[::2], args[1::2], strict=True):
-        assert flag == "-S"
-        key, value = pair.split("=", 1)
-        node = out
+def apply_s_args(params: dict, args: list[str]) -> dict:
+    """What `dvc exp run -S k=v ...` does to params.yaml: each value parsed as YAML, set at its dotted key."""
+    assert args[::2] == ["-S"] * (len(args) // 2)
+    for arg in args[1::2]:
+        key, _, text = arg.partition("=")
         *parents, leaf = key.split(".")
+        node = params
         for part in parents:
             node = node.setdefault(part, {})
-        node[leaf] = yaml.safe_load(value)
-    return out
+        node[leaf] = yaml.safe_load(text)
+    return params
 
 
-@pytest.mark.parametrize("name", PRESETS)
-def test_preset_overrides_rebuild_the_preset(repo_root, name: str) -> None:
-    preset = repo_root / "presets" / name
-    params = repo_root / "params.yaml"
-    args = overrides(preset, params)
-    base = yaml.safe_load(params.read_text())
-    expected = from_dict(merge(base, yaml.safe_load(preset.read_text())))
-    assert from_dict(_apply(base, args)) == expected
-    assert all(" " not in a for a in args)  # survives $(...) word splitting
+def test_the_data_presets_are_there():
+    assert {p.name for p in PRESETS} >= set(DATA_PRESETS)
 
 
-def test_reference_preset_is_the_published_configuration(repo_root) -> None:
-    cfg = from_dict(merge(yaml.safe_load((repo_root / "params.yaml").read_text()),
-                          yaml.safe_load((repo_root / "presets" / "reference_sevir.yaml").read_text())))  # fmt: skip
-    m = cfg.model
-    assert (m.patch_size, m.embed_dim, m.window_size, m.heads) == (4, 128, 4, [4, 8])
-    assert (m.depths_down, list(reversed(m.depths_up))) == ([3, 2], [2, 3])  # reference order: [2, 3]
-    assert (m.memory.slots, m.memory.dim) == (100, 512)
-    assert (m.memory.read, m.memory.fusion, m.memory.encoders, m.skips, m.head) == (
-        "attention", "reference", "separate", False, "sigmoid",
-    )  # fmt: skip
-    assert cfg.data.synthetic.size // cfg.windows.downsample == 384
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_each_preset_gives_s_arguments_that_reproduce_it(path):
+    args, merged = preset.overrides(path, REPO / "params.yaml")
+    assert all(" " not in arg for arg in args)  # safe for $(...) word splitting
+    applied = apply_s_args(yaml.safe_load((REPO / "params.yaml").read_text()), args)
+    assert config_mod.from_dict(applied) == config_mod.from_dict(merged)
 
 
-def test_the_command_prints_one_line_of_overrides(repo_root) -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "pipeline.preset", "presets/reference_sevir.yaml"],
-        cwd=repo_root, capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    args = shlex.split(out.stdout)
-    assert out.stdout.count("\n") == 1 and args[:2] == ["-S", "data.synthetic.size=384"]
-    assert "model.depths_up=[3,2]" in args
+def test_sevir_lr_is_10_minute_128px_7_to_6():
+    args, merged = preset.overrides(REPO / "presets/sevir_lr.yaml", REPO / "params.yaml")
+    cfg = config_mod.from_dict(merged)
+    assert (cfg.windows.in_len, cfg.windows.out_len, cfg.windows.frame_step, cfg.windows.stride) == (7, 6, 2, 6)
+    assert cfg.frame_size() == 128 and cfg.windows.event_frames == 25
 
 
-def test_an_invalid_preset_is_one_line_and_prints_no_overrides(tmp_path, repo_root, capsys) -> None:
-    from pipeline.cli import run_stage
+def test_the_command_prints_one_line_of_s_arguments(capsys):
+    assert run_stage(preset.main, [str(REPO / "presets/earthformer.yaml"), "--params", str(REPO / "params.yaml")]) == 0
+    [line] = capsys.readouterr().out.splitlines()
+    assert "-S windows.in_len=13" in line and "-S data.split.train_end=2019-01-01T00:00:00" in line
 
+
+def test_a_bad_preset_is_one_line(tmp_path, capsys):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model:\n  pos: rotary\n  embed_dim: 24\n")
-    code = run_stage(preset_main, [str(bad), "--params", str(repo_root / "params.yaml")])
-    captured = capsys.readouterr()
-    assert code == 2 and captured.out == ""
-    assert captured.err.count("\n") == 1 and "model.pos" in captured.err
-
-
-def test_params_yaml_itself_is_valid(repo_root) -> None:
-    load(repo_root / "params.yaml")
+    bad.write_text("windows:\n  in_len: 20\n  frame_step: 2\n")
+    assert run_stage(preset.main, [str(bad), "--params", str(REPO / "params.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "exceeds the 25 frames a SEVIR event has at windows.frame_step = 2" in err
+    bad.write_text("windows:\n  surprise: 1\n")
+    assert run_stage(preset.main, [str(bad), "--params", str(REPO / "params.yaml")]) == 2
+    assert "windows.surprise: unknown key" in capsys.readouterr().err

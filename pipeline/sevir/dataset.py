@@ -142,12 +142,14 @@ class WindowDataset(Dataset):
         return item
 
     def info(self, index: int) -> dict[str, Any]:
-        """Where window ``index`` comes from: event id, frame offset in the event, time_utc (epoch seconds)."""
+        """Where window ``index`` comes from: event id, its first frame's index in the original event
+        (5-minute frames), time_utc (epoch seconds)."""
         h5 = self._file()
         row = int(self._event[index])
         return {
             "event_id": h5["event_id"][row].decode(),
-            "start": int(h5["frame_offset"][row]) + int(self._start[index]),
+            # frames of the original 5-minute event: rows hold every frame_step-th frame
+            "start": int(h5["frame_offset"][row]) + int(h5.attrs.get("frame_step", 1)) * int(self._start[index]),
             "time_utc": int(h5["time_utc"][row]),
         }
 

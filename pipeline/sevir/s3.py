@@ -11,7 +11,13 @@
 * **Resumable.** A killed fetch resumes every partial file from its last byte
   (HTTP ``Range``) and never downloads a finished file again.
 * **Verified.** Size always; content against the ETag (MD5, or multipart MD5
-  when the part size can be found).
+  when the part size can be found). The digest is computed from the bytes as they
+  stream in, so a finished file is not read again (a resumed one: only the part
+  kept from before).
+* **Concurrent.** ``data.s3.concurrency`` files download at once, each with all of the above;
+  when there are fewer files than that, each file is fetched as 8 MiB ranged parts by several
+  streams, appended in order (the partial file stays a prefix of the object). The first error
+  stops the other downloads between reads; their partial files are kept for the next run.
 * **Retried.** Transient failures (5xx, 429, connection errors, timeouts, cut
   streams) are retried with exponential backoff, resuming from the bytes kept.
   Anything a user must fix (404, 403, a bad catalog) is one :class:`DataError` line.
@@ -28,6 +34,7 @@ Layout under ``root``::
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -35,15 +42,16 @@ import math
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import boto3
-import numpy as np
 import pandas as pd
 import urllib3.exceptions
 from botocore import UNSIGNED
@@ -66,19 +74,20 @@ from pipeline.sevir import (
     atomic_file,
     read_catalog,
     safe_join,
-    vil_rows,
+    selection,
 )
+from pipeline.sevir.verify import verify_vil_files
 
 log = logging.getLogger("pipeline.fetch")
 
 MiB = 1 << 20
 CHUNK_BYTES = MiB  # bytes per network read; a kill loses at most this much of a partial file
+RANGE_PART_BYTES = 8 * MiB  # one ranged GET when a file is fetched by several streams (TransferManager's size)
 COMMON_PART_SIZE = 8 * MiB  # multipart chunk of the AWS CLI and boto3 upload defaults
 MAX_BACKOFF_S = 60.0
 STATE_DIR = ".fetch"
 BUCKET_CATALOG = "CATALOG.bucket.csv"
 MANIFEST_NAME = "manifest.json"
-_ROW = "__catalog_row"  # temporary column: position of a row in the bucket catalog
 
 _CATALOG_HINT = "check data.s3.bucket, data.s3.catalog_key and data.s3.endpoint_url"
 _DATA_HINT = "check data.s3.bucket/data_prefix (and data.s3.endpoint_url for a mirror)"
@@ -115,15 +124,13 @@ def fetch_s3(root: Path, cfg: S3Source, progress: bool = True, client: Any = Non
 
     objects = {name: fetcher.head(data_key(cfg, name), _DATA_HINT) for name in files}
     _check_free_space(root, [(objects[n], targets[n]) for n in files])
-    fetched = 0
-    for i, name in enumerate(files, 1):
-        log.info("[%d/%d] %s (%s)", i, len(files), name, _size(objects[name].size))
-        fetched += fetcher.download(objects[name], targets[name])
+    fetched = fetcher.download_all([(objects[n], targets[n]) for n in files], cfg.concurrency)
 
     pointer = root / SOURCE_ROOT_NAME  # left by an earlier data.source: local; the files are here now
     if pointer.exists():
         log.info("removing %s (left by data.source: local)", pointer)
         pointer.unlink()
+    verify_vil_files(rows, root, "delete that file and rerun fetch; if it persists, check data.s3.bucket/data_prefix")
     with atomic_file(root / CATALOG_NAME) as tmp:
         rows.to_csv(tmp, index=False)
     log.info(
@@ -145,6 +152,7 @@ def make_client(cfg: S3Source) -> Any:
         "retries": {"mode": "standard", "total_max_attempts": 1},
         "connect_timeout": 10,
         "read_timeout": 60,
+        "max_pool_connections": max(10, cfg.concurrency + 2),  # one connection per download thread, and HEADs
     }
     if cfg.endpoint_url:
         options["s3"] = {"addressing_style": "path"}  # what S3-compatible mirrors understand
@@ -171,55 +179,10 @@ def read_bucket_catalog(path: Path, source: str) -> pd.DataFrame:
 
 
 def select_vil_rows(catalog: pd.DataFrame, cfg: S3Source, source: str = CATALOG_NAME) -> tuple[pd.DataFrame, list[str]]:
-    """Pick the catalog rows and files to fetch; return ``(rows, file_names)``.
-
-    Rows: :func:`pipeline.sevir.vil_rows` (VIL, no missing data, one per id) whose year is in
-    ``cfg.years`` (the ``vil/<year>/`` folder of ``file_name``, else the year of ``time_utc``)
-    and whose ``event_type`` is in ``cfg.event_types`` (case-insensitive; empty keeps all);
-    then the first ``cfg.max_events`` in time order (0 = all). Files: those the rows need,
-    in order of their first event, the first ``cfg.max_files`` (0 = all); rows in other
-    files are dropped. ``rows`` are the untouched catalog rows, in catalog order.
-    """
-    events = vil_rows(catalog.assign(**{_ROW: np.arange(len(catalog))}))
-    available_years = sorted(set(_event_years(events)))
-    available_types = sorted(set(events["event_type"].astype(str).str.strip()) - {""})
-    events = events[_event_years(events).isin(cfg.years)]
-    if cfg.event_types:
-        types = events["event_type"].astype(str).str.strip().str.lower()
-        for wanted in cfg.event_types:
-            if not (types == wanted.strip().lower()).any():
-                log.warning(
-                    "data.s3.event_types: %r matches no VIL event in the selected years; known types: %s",
-                    wanted,
-                    _join(available_types),
-                )
-        events = events[types.isin([t.strip().lower() for t in cfg.event_types])]
-    if cfg.max_events:
-        events = events.head(cfg.max_events)
-    files = list(dict.fromkeys(events["file_name"].astype(str)))
-    if cfg.max_files and len(files) > cfg.max_files:
-        log.info(
-            "data.s3.max_files = %d: keeping %d of %d files and the events in them",
-            cfg.max_files,
-            cfg.max_files,
-            len(files),
-        )
-        files = files[: cfg.max_files]
-        events = events[events["file_name"].isin(files)]
-    if events.empty:
-        raise DataError(
-            f"{source}: no VIL events match data.s3.years [{_join(cfg.years)}] and event_types "
-            f"[{_join(cfg.event_types) or 'all'}]; the catalog has VIL years [{_join(available_years)}] "
-            f"and event types [{_join(available_types)}]"
-        )
-    rows = catalog.iloc[np.sort(events[_ROW].to_numpy())]
-    return rows.reset_index(drop=True), files
-
-
-def _event_years(events: pd.DataFrame) -> pd.Series:
-    """Year of each event: the ``<type>/<year>/`` folder of its file, else its ``time_utc``."""
-    folder = events["file_name"].astype(str).str.extract(r"^[^/]+/(\d{4})/", expand=False)
-    return pd.to_numeric(folder, errors="coerce").fillna(events["time_utc"].dt.year).astype(int)
+    """Pick the catalog rows and files to fetch (``data.s3.years``, ``event_types``, ``max_events``,
+    ``max_files``); see :func:`pipeline.sevir.selection.select_vil_rows`."""
+    return selection.select_vil_rows(catalog, cfg.years, cfg.event_types, max_events=cfg.max_events,
+                                     max_files=cfg.max_files, source=source, keys="data.s3")  # fmt: skip
 
 
 # ------------------------------------------------------------------------ downloads
@@ -264,6 +227,14 @@ class ChecksumMismatch(Exception):
     """Downloaded bytes do not match the object's size or ETag."""
 
 
+class _Stopped(Exception):
+    """Another download failed: this one stops at its next read, keeping its partial file."""
+
+
+class _NoRanges(Exception):
+    """The server answered a Range request with the whole object."""
+
+
 class _ShortResponse(Exception):
     """A response ended cleanly but before the end of the object (retried like a cut stream)."""
 
@@ -280,6 +251,51 @@ class _Fetcher:
         self.manifest = Manifest(root / STATE_DIR / MANIFEST_NAME)
         self.progress = progress
         self.bytes_downloaded = 0
+        self._lock = threading.Lock()  # bytes_downloaded and the manifest, shared by download threads
+        self._stop = threading.Event()  # set on the first failure: the other downloads stop between reads
+        self.streams_per_file = 1  # ranged GETs in flight per file (download_all sets it)
+
+    def download_all(self, items: Sequence[tuple[RemoteObject, Path]], concurrency: int) -> int:
+        """Download every ``(object, target)``, ``concurrency`` at a time; return how many were downloaded.
+
+        The first failure (or Ctrl-C) stops the other downloads at their next read; their partial
+        files stay, to be resumed by the next run, and that first error is raised.
+        """
+        n = len(items)
+        # Connections left over when there are fewer files than data.s3.concurrency fetch ranged parts.
+        self.streams_per_file = max(1, concurrency // max(1, min(concurrency, n)))
+        if concurrency <= 1 or n <= 1:
+            fetched = 0
+            for i, (obj, target) in enumerate(items, 1):
+                log.info("[%d/%d] %s (%s)", i, n, target.relative_to(self.root).as_posix(), _size(obj.size))
+                fetched += self.download(obj, target)
+            return fetched
+        workers = min(concurrency, n)
+        log.info("downloading %d file(s), %d at a time (data.s3.concurrency)", n, workers)
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
+        futures = [pool.submit(self._download_logged, i, n, obj, target) for i, (obj, target) in enumerate(items, 1)]
+        try:
+            wait(futures, return_when=FIRST_EXCEPTION)
+        except BaseException:  # Ctrl-C while waiting
+            self._stop.set()
+            raise
+        finally:
+            if any(f.done() and not f.cancelled() and f.exception() is not None for f in futures):
+                self._stop.set()
+            for future in futures:
+                future.cancel()
+            pool.shutdown(wait=True)
+        errors = [f.exception() for f in futures if f.done() and not f.cancelled() and f.exception() is not None]
+        first = next((e for e in errors if not isinstance(e, _Stopped)), None)
+        if first is not None:
+            raise first
+        return sum(bool(f.result()) for f in futures)
+
+    def _download_logged(self, i: int, n: int, obj: RemoteObject, target: Path) -> bool:
+        if self._stop.is_set():
+            raise _Stopped()
+        log.info("[%d/%d] %s (%s)", i, n, target.relative_to(self.root).as_posix(), _size(obj.size))
+        return self.download(obj, target)
 
     def head(self, key: str, hint: str) -> RemoteObject:
         """Size and ETag of ``key``; 404/403 become a DataError with ``hint``."""
@@ -322,7 +338,8 @@ class _Fetcher:
                 )
         os.replace(part, target)
         sidecar_path(part).unlink(missing_ok=True)
-        self.manifest.record(name, obj, how)
+        with self._lock:
+            self.manifest.record(name, obj, how)
         log.info("%s: done (%s, verified by %s)", name, _size(obj.size), how)
         return True
 
@@ -348,31 +365,41 @@ class _Fetcher:
             )
             return False
         log.info("%s: present with the right size (%s, no download record); skipping", name, _size(size))
-        self.manifest.record(name, obj, "size (found in place)")
+        with self._lock:
+            self.manifest.record(name, obj, "size (found in place)")
         return True
 
     def _download_part(self, obj: RemoteObject, part: Path, name: str) -> str:
         """Complete ``part`` from its current length and verify it; return how it was verified."""
         have = prepare_part(part, obj)
+        digest = StreamDigest(obj.etag, obj.size, self.part_sizes)
+        if have and digest.wanted:
+            digest.update_from_file(part, have)  # the bytes kept from an earlier run; the rest is hashed as it arrives
         bar = tqdm(
             total=obj.size, initial=have, desc=name.rsplit("/", 1)[-1], disable=not self.progress,
             unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True, leave=False,
         )  # fmt: skip
         with bar:
-            self._transfer(obj, part, bar)
-        return verify_file(part, obj.size, obj.etag, self.part_sizes, what=obj.uri)
+            self._transfer(obj, part, bar, digest)
+        return verify_file(part, obj.size, obj.etag, self.part_sizes, what=obj.uri, digest=digest)
 
-    def _transfer(self, obj: RemoteObject, part: Path, bar: tqdm) -> None:
+    def _transfer(self, obj: RemoteObject, part: Path, bar: tqdm, digest: StreamDigest) -> None:
         """Append to ``part`` until it holds the whole object, retrying transient errors.
 
         Every retry resumes from the bytes already on disk. The failure count restarts
         after an attempt that made progress, so a long download over a flaky link is not
         abandoned while it advances.
         """
+        if self.streams_per_file > 1 and obj.size - part.stat().st_size > RANGE_PART_BYTES:
+            try:
+                self._transfer_ranged(obj, part, bar, digest, self.streams_per_file)
+                return
+            except _NoRanges:
+                log.warning("%s: server ignored a Range request; going on with one stream", obj.uri)
         failures = 0
         while (have := part.stat().st_size) < obj.size:
             try:
-                self._append_range(obj, part, have, bar)
+                self._append_range(obj, part, have, bar, digest)
             except Exception as err:  # noqa: BLE001 - classified just below
                 _raise_unless_transient(err, obj.uri, _DATA_HINT)
                 now = part.stat().st_size
@@ -380,7 +407,91 @@ class _Fetcher:
                 kept = f" (the {_size(now)} already downloaded are kept and resumed)" if now else ""
                 self.policy.wait_or_give_up(obj.uri, err, failures, kept)
 
-    def _append_range(self, obj: RemoteObject, part: Path, offset: int, bar: tqdm) -> None:
+    def _transfer_ranged(self, obj: RemoteObject, part: Path, bar: tqdm, digest: StreamDigest, streams: int) -> None:
+        """Complete ``part`` with ``streams`` ranged GETs in flight, appending the parts in order.
+
+        Parts of :data:`RANGE_PART_BYTES` are fetched into memory by a small pool (each part
+        retried on its own, resuming within the part) and appended to ``part`` strictly in
+        order, so ``part`` stays a prefix of the object: a kill loses at most the parts in
+        memory (``streams`` x 8 MiB), resume, streaming digest and verification work as with
+        one stream. Raises :class:`_NoRanges` if the server ignores Range (nothing appended).
+        """
+        have = part.stat().st_size
+        starts = iter(range(have, obj.size, RANGE_PART_BYTES))
+        halt = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="fetch-range")
+        queue: collections.deque[tuple[int, Future]] = collections.deque()
+
+        def submit() -> None:
+            start = next(starts, None)
+            if start is not None:
+                end = min(start + RANGE_PART_BYTES, obj.size)
+                queue.append((start, pool.submit(self._get_part, obj, start, end, halt)))
+
+        try:
+            for _ in range(streams + 1):  # one part ahead of the streams, so none idles while a part is written
+                submit()
+            with part.open("ab", buffering=0) as out:
+                while queue:
+                    start, future = queue.popleft()
+                    data = future.result()
+                    assert out.tell() == start, (out.tell(), start)
+                    _write(out, data, part)
+                    digest.update(data)
+                    with self._lock:
+                        self.bytes_downloaded += len(data)
+                    bar.update(len(data))
+                    submit()
+        finally:
+            halt.set()
+            for _, future in queue:
+                future.cancel()
+            pool.shutdown(wait=True)
+
+    def _get_part(self, obj: RemoteObject, start: int, end: int, halt: threading.Event) -> bytearray:
+        """Bytes ``start:end`` of this exact object version, retrying transient errors."""
+        data = bytearray()
+        failures = 0
+        while start + len(data) < end:
+            have = len(data)
+            try:
+                self._read_range(obj, start + len(data), end, data, halt)
+            except Exception as err:  # noqa: BLE001 - classified just below
+                _raise_unless_transient(err, obj.uri, _DATA_HINT)
+                failures = 1 if len(data) > have else failures + 1
+                self.policy.wait_or_give_up(obj.uri, err, failures)
+        return data
+
+    def _read_range(self, obj: RemoteObject, start: int, end: int, into: bytearray, halt: threading.Event) -> None:
+        """One GET of bytes ``start:end``, appended to ``into``."""
+        request: dict[str, Any] = {"Bucket": obj.bucket, "Key": obj.key, "Range": f"bytes={start}-{end - 1}"}
+        if obj.etag:
+            request["IfMatch"] = f'"{obj.etag}"'
+        try:
+            response = self.client.get_object(**request)
+        except ClientError as err:
+            if _status(err) == 412:
+                raise _changed(obj) from None
+            raise
+        with closing(response["Body"]) as body:
+            if obj.etag and str(response.get("ETag", "")).strip('"') not in ("", obj.etag):
+                raise _changed(obj)
+            if not response.get("ContentRange"):
+                raise _NoRanges()
+            if _range_start(response["ContentRange"]) != start:
+                raise DataError(f"{obj.uri}: asked for bytes from {start}, got {response['ContentRange']}; {_DATA_HINT}")
+            before = len(into)
+            for chunk in body.iter_chunks(CHUNK_BYTES):
+                if halt.is_set() or self._stop.is_set():
+                    raise _Stopped()
+                into += chunk
+        got = len(into) - before
+        if got > end - start:
+            raise DataError(f"{obj.uri}: asked for {end - start} bytes from {start}, got {got}; {_DATA_HINT}")
+        if got < end - start:
+            raise _ShortResponse(f"response ended at byte {start + got} of {end}")
+
+    def _append_range(self, obj: RemoteObject, part: Path, offset: int, bar: tqdm, digest: StreamDigest) -> None:
         """One GET of bytes ``offset..`` of this exact object version, appended to ``part``."""
         request: dict[str, Any] = {"Bucket": obj.bucket, "Key": obj.key}
         if obj.etag:
@@ -400,14 +511,19 @@ class _Fetcher:
             log.warning("%s: server ignored the Range request; restarting the file from byte 0", obj.uri)
             mode, offset = "wb", 0
             bar.reset(total=obj.size)
+            digest.reset()
         elif _range_start(response.get("ContentRange")) != offset:
             raise DataError(f"{obj.uri}: asked for bytes from {offset}, got {response['ContentRange']}; {_DATA_HINT}")
         written = 0
         with part.open(mode, buffering=0) as out, closing(response["Body"]) as body:
             for chunk in body.iter_chunks(CHUNK_BYTES):
+                if self._stop.is_set():
+                    raise _Stopped()
                 _write(out, chunk, part)
+                digest.update(chunk)  # only bytes that are on disk: the digest always covers the part exactly
                 written += len(chunk)
-                self.bytes_downloaded += len(chunk)
+                with self._lock:
+                    self.bytes_downloaded += len(chunk)
                 bar.update(len(chunk))
         if offset + written < obj.size:
             raise _ShortResponse(f"response ended at byte {offset + written} of {obj.size}")
@@ -483,7 +599,8 @@ def _check_free_space(root: Path, items: Sequence[tuple[RemoteObject, Path]]) ->
 
 
 # -------------------------------------------------------------------- verification
-def verify_file(path: Path, size: int, etag: str, part_sizes: Sequence[int], what: str = "") -> str:
+def verify_file(path: Path, size: int, etag: str, part_sizes: Sequence[int], what: str = "",
+                digest: StreamDigest | None = None) -> str:  # fmt: skip
     """Check ``path`` against an object's size and ETag; return how it was verified.
 
     Single-part ETags (32 hex digits) are the MD5 of the content. Multipart ETags
@@ -491,21 +608,26 @@ def verify_file(path: Path, size: int, etag: str, part_sizes: Sequence[int], wha
     size: every size in ``part_sizes`` that gives N parts is tried; when none matches the
     file is accepted on its size alone (logged at debug level). Raises
     :class:`ChecksumMismatch` when the size or an MD5 ETag does not match.
+
+    ``digest``, when it covers the whole file (computed while the bytes streamed in), is used
+    instead of reading the file again.
     """
+    streamed = digest is not None and digest.wanted and digest.offset == size
     actual = path.stat().st_size
     if actual != size:
         raise ChecksumMismatch(f"{actual} bytes, expected {size}")
     if _SINGLE_ETAG.fullmatch(etag):
-        digest = file_md5(path)
-        if digest != etag:
-            raise ChecksumMismatch(f"MD5 {digest} does not match the ETag {etag}")
+        md5 = digest.md5.hexdigest() if streamed and digest.md5 is not None else file_md5(path)
+        if md5 != etag:
+            raise ChecksumMismatch(f"MD5 {md5} does not match the ETag {etag}")
         return "MD5"
     multipart = _MULTIPART_ETAG.fullmatch(etag)
     if multipart:
         count = int(multipart[1])
         candidates = [p for p in part_sizes if max(1, math.ceil(size / p)) == count]
-        for part_size, digest in multipart_etags(path, candidates).items():
-            if digest == etag:
+        etags = digest.multipart_etags() if streamed else multipart_etags(path, candidates)
+        for part_size, computed in etags.items():
+            if computed == etag:
                 return f"multipart MD5 ({_size(part_size)} parts)"
         log.debug("%s: multipart ETag %s matches none of the part sizes tried (%s); verified by size only",
                   what, etag, ", ".join(_size(p) for p in part_sizes))  # fmt: skip
@@ -530,6 +652,46 @@ def multipart_etags(path: Path, part_sizes: Sequence[int]) -> dict[int, str]:
             for hasher in hashers.values():
                 hasher.update(block)
     return {p: h.etag() for p, h in hashers.items()}
+
+
+class StreamDigest:
+    """The digests an object's ETag needs, fed with its bytes in order as they are written.
+
+    A single-part ETag needs the MD5 of the content; a multipart one (``<hex>-N``) the part MD5s
+    for every part size in ``part_sizes`` that gives N parts; other ETags need nothing
+    (``wanted`` is False). ``offset`` is how many bytes were fed.
+    """
+
+    def __init__(self, etag: str, size: int, part_sizes: Sequence[int]):
+        self.etag, self.size, self.part_sizes = etag, size, tuple(part_sizes)
+        self.reset()
+
+    def reset(self) -> None:
+        self.offset = 0
+        self.md5 = hashlib.md5(usedforsecurity=False) if _SINGLE_ETAG.fullmatch(self.etag) else None
+        multipart = _MULTIPART_ETAG.fullmatch(self.etag)
+        count = int(multipart[1]) if multipart else -1
+        self.parts = {p: _MultipartMD5(p) for p in self.part_sizes if max(1, math.ceil(self.size / p)) == count}
+
+    @property
+    def wanted(self) -> bool:
+        return self.md5 is not None or bool(self.parts)
+
+    def update(self, data: bytes) -> None:
+        if self.md5 is not None:
+            self.md5.update(data)  # hashlib releases the GIL: downloads in other threads go on
+        for hasher in self.parts.values():
+            hasher.update(data)
+        self.offset += len(data)
+
+    def update_from_file(self, path: Path, length: int) -> None:
+        """Feed the first ``length`` bytes of ``path`` (a partial file kept from an earlier run)."""
+        with path.open("rb") as f:
+            while self.offset < length and (block := f.read(min(MiB, length - self.offset))):
+                self.update(block)
+
+    def multipart_etags(self) -> dict[int, str]:
+        return {p: h.etag() for p, h in self.parts.items()}
 
 
 class _MultipartMD5:

@@ -1,0 +1,84 @@
+"""Stages train_phase1 / train_phase2: windows -> artifacts/phase{N}/{last,best}.pt + reports.
+
+    python -m pipeline.train --phase 1|2 [--params params.yaml] [--reports reports]
+
+Phase 1 (memory learning) trains from scratch; phase 2 (frozen memory) starts from the phase-1
+best checkpoint. Both resume from their ``last.pt`` when the params that shape them are
+unchanged. ``train.nproc_per_node: N`` (N > 1) makes this command launch N DDP workers of
+itself through ``torch.distributed.run``; under torchrun it is one of the workers. See the README
+section "Training" and :mod:`pipeline.training`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+from pipeline import config as config_mod
+from pipeline.cli import run_stage, setup_logging, stage_parser
+from pipeline.errors import PipelineError
+from pipeline.tracking import stage_run
+from pipeline.training import distributed, fit
+from pipeline.training.report import write_reports
+
+log = logging.getLogger("pipeline.train")
+REPORTS = Path("reports")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--phase", type=int, choices=(1, 2), required=True, help="1: memory learning, 2: frozen memory")
+    parser.add_argument("--reports", type=Path, default=REPORTS, help=f"reports folder (default: {REPORTS})")
+    args = parser.parse_args(argv)
+    worker = distributed.in_launched_worker(os.environ)
+    rank = int(os.environ.get("RANK", "0")) if worker else 0
+    setup_logging(args.verbose)
+    if rank:
+        logging.getLogger().setLevel(logging.WARNING)  # rank 0 speaks for the job
+    cfg = config_mod.load(args.params)
+    nproc = cfg.train.nproc_per_node
+    if nproc > 1 and not worker:
+        forwarded = ["--phase", str(args.phase), "--params", str(args.params), "--reports", str(args.reports)]
+        code = distributed.launch("pipeline.train", forwarded + (["-v"] if args.verbose else []), nproc)
+        if code:
+            raise PipelineError(f"train_phase{args.phase}: the {nproc} DDP workers (train.nproc_per_node) failed with "
+                                f"exit code {code}; the first worker error is above")  # fmt: skip
+        return
+
+    out_dir = cfg.train.checkpoint_dir / f"phase{args.phase}"
+    stage = f"train_phase{args.phase}"
+    start = time.perf_counter()
+    if rank:
+        try:
+            fit(cfg, args.phase, out_dir, env=dict(os.environ), progress=False)
+        finally:
+            distributed.teardown()
+        return
+    result = None
+    try:
+        with stage_run(cfg, stage, ("model", "train", "windows")) as mlflow:
+            result = fit(cfg, args.phase, out_dir, tracker=mlflow, env=dict(os.environ) if worker else None)
+            paths = write_reports(result, args.phase, args.reports, stage_seconds=time.perf_counter() - start)
+            try:
+                mlflow.log_artifact(str(paths["plot"]))
+                mlflow.log_artifact(str(paths["metrics"]))
+            except Exception as err:  # a tracking server gone: the results are on disk
+                log.warning("MLflow: could not log the reports (%s)", str(err).splitlines()[0][:160])
+    except PipelineError:
+        raise
+    except Exception as err:
+        if result is None:
+            raise
+        # closing the MLflow run failed (tracking server gone): training and reports are done
+        log.warning("MLflow: could not close the %s run (%s); checkpoints and reports are on disk", stage,
+                    str(err).splitlines()[0][:160])  # fmt: skip
+    finally:
+        distributed.teardown()
+    log.info("%s: best %s = %s at epoch %s -> %s", stage, result.best_key, result.best_score, result.best_epoch,
+             result.checkpoint)  # fmt: skip
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage(main))

@@ -1,0 +1,243 @@
+"""The Optuna study (pipeline.tuning, stage search): space, storage, workers, resume, reports, errors.
+
+Worker processes run the real StudyRunner on a real journal file; their objective is a quick
+analytic function of the suggested learning rate (tests/helpers/search_worker.py), since what is
+tested here is how a study is shared, resumed and reported. The stage with real phase-1 training
+is exercised end to end in test_dvc_experiments.py.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from pipeline import config
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.tuning import report
+from pipeline.tuning import space as space_mod
+from pipeline.tuning import study as study_mod
+
+REPO = Path(__file__).resolve().parents[1]
+
+SPACE = [
+    {"key": "train.phase1.lr", "type": "logfloat", "low": 1e-4, "high": 1e-2},
+    {"key": "model.embed_dim", "type": "categorical", "choices": [32, 48]},
+    {"key": "model.depths_down", "type": "categorical", "choices": [[2, 2], [1, 3]]},
+]
+
+
+@pytest.fixture
+def study_params(write_params):
+    def _make(n_trials: int = 6, **search) -> Path:
+        return write_params({"search": {"n_trials": n_trials, "pruner": "none", "heartbeat_s": 1, "grace_s": 30,
+                                        "space": SPACE, **search}, "tracking": {"enabled": False}})
+    return _make
+
+
+def _worker(params: Path, journal: Path, out: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, "-m", "tests.helpers.search_worker", str(params), str(journal), str(out), *extra],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+
+
+def _load(journal: Path, params: Path) -> optuna.Study:
+    cfg = config.load(params)
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(journal)))
+    return optuna.load_study(study_name=study_mod.study_name(cfg), storage=storage)
+
+
+def _stage(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "pipeline.search", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+# ------------------------------------------------------------------------ space
+def test_default_space_covers_the_phase1_tuning_guide(repo_root):
+    keys = {p.key for p in config.load(repo_root / "params.yaml").search.space}
+    guide = {"train.phase1.lr", "train.phase1.weight_decay", "train.phase1.schedule", "train.phase1.warmup_frac",
+             "model.dropout", "model.drop_path", "model.embed_dim", "model.heads", "model.depths_down",
+             "model.depths_up", "model.window_size", "model.memory.slots", "train.batch_size"}
+    assert guide <= keys
+    assert any(k.endswith("grad_accum") for k in keys)
+
+
+@pytest.mark.parametrize(("entry", "says"), [
+    ({"key": "model.embed_dimm", "type": "int", "low": 16, "high": 64}, "not a params.yaml key"),
+    ({"key": "train.phase1.lr", "type": "logfloat", "low": 1e-2, "high": 1e-4}, "empty range"),
+    ({"key": "model.embed_dim", "type": "categorical", "choices": []}, "non-empty 'choices'"),
+    ({"key": "model.embed_dim", "type": "categorical", "choices": [32, "wide"]}, "'wide' is not a valid value"),
+    ({"key": "train.phase1.lr", "type": "float", "low": -1.0, "high": 1.0}, "greater than 0"),
+    ({"key": "model.dropout", "type": "decimal", "low": 0, "high": 1}, "type"),
+])
+def test_bad_space_entry_is_one_line_naming_it(study_params, entry, says, tmp_path):
+    params = study_params(space=[entry])
+    proc = _stage("--params", str(params))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "search.space" in lines[0] and says in lines[0], proc.stderr
+
+
+def test_suggestions_apply_as_a_validated_config_and_as_an_exp_run_line(study_params):
+    cfg = config.load(study_params())
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=1))
+    trial = study.ask()
+    values = space_mod.suggest(trial, cfg.search.space)
+    assert isinstance(values["model.depths_down"], list)
+    trial_cfg = space_mod.apply_overrides(cfg, values)
+    assert trial_cfg.model.depths_down == values["model.depths_down"]
+    assert trial_cfg.train.phase1.lr == values["train.phase1.lr"]
+    # the printed command parses back to the same values, as dvc's -S does (YAML values)
+    argv = shlex.split(space_mod.exp_run_command(values, name="best"))
+    assert argv[:5] == ["dvc", "exp", "run", "-n", "best"]
+    pairs = dict(arg.split("=", 1) for arg in argv[6::2])
+    assert {k: yaml.safe_load(v) for k, v in pairs.items()} == values
+
+
+def test_impossible_combination_is_a_config_error_naming_keys(study_params):
+    cfg = config.load(study_params())
+    with pytest.raises(ConfigError, match="search trial"):
+        space_mod.apply_overrides(cfg, {"model.embed_dim": 36, "model.heads": [8, 8]})
+
+
+# ---------------------------------------------------------------------- workers
+def test_two_workers_on_one_journal_finish_n_trials_without_duplicates_or_losses(study_params, tmp_path):
+    params, journal = study_params(n_trials=8), tmp_path / "study.journal"
+    first = _worker(params, journal, tmp_path / "w1.json", "--sleep", "0.4")
+    time.sleep(1.0)  # the first worker creates the study; the second joins it
+    second = _worker(params, journal, tmp_path / "w2.json", "--sleep", "0.4", "--join")
+    for proc in (first, second):
+        assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    ran = [json.loads((tmp_path / f"w{i}.json").read_text())["ran"] for i in (1, 2)]
+    assert ran[0] and ran[1], "both workers ran trials"
+    assert not set(ran[0]) & set(ran[1]), "no trial ran twice"
+    study = _load(journal, params)
+    assert sorted(ran[0] + ran[1]) == [t.number for t in study.trials] == list(range(8))
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)
+
+
+def test_failed_trials_are_recorded_with_their_reason_and_the_study_goes_on(study_params, tmp_path):
+    params, journal = study_params(n_trials=6), tmp_path / "study.journal"
+    proc = _worker(params, journal, tmp_path / "w.json", "--fail-every", "3")
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    study = _load(journal, params)
+    failed = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert [t.number for t in failed] == [2, 5]
+    assert all("simulated non-finite loss" in t.user_attrs["fail_reason"] for t in failed)
+    assert sum(t.state == TrialState.COMPLETE for t in study.trials) == 4
+
+
+def test_sigkilled_study_resumes_without_losing_or_repeating_finished_trials(study_params, tmp_path):
+    params, journal = study_params(n_trials=5), tmp_path / "study.journal"
+    proc = _worker(params, journal, tmp_path / "w1.json", "--sleep", "1.5")
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # kill it mid-trial, once two trials are finished
+        if journal.exists():
+            study = _load(journal, params) if journal.stat().st_size else None
+            if study and sum(t.state == TrialState.COMPLETE for t in study.trials) >= 2 and \
+                    any(t.state == TrialState.RUNNING for t in study.trials):
+                break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=10)
+    before = {t.number: (t.params, t.value) for t in _load(journal, params).trials if t.state == TrialState.COMPLETE}
+    assert len(before) >= 2
+
+    resumed = _worker(params, journal, tmp_path / "w2.json", "--sleep", "0.2")
+    assert resumed.wait(timeout=120) == 0, resumed.stderr.read()
+    study = _load(journal, params)
+    after = {t.number: (t.params, t.value) for t in study.trials if t.state == TrialState.COMPLETE}
+    assert {n: after[n] for n in before} == before, "finished trials are kept as they were"
+    assert not set(json.loads((tmp_path / "w2.json").read_text())["ran"]) & set(before), "and not run again"
+    (killed,) = [t for t in study.trials if t.state == TrialState.FAIL]
+    assert "died" in killed.user_attrs["fail_reason"]
+    (retry,) = [t for t in study.trials if t.user_attrs.get("retry_of") == killed.number]
+    assert retry.params == killed.params and retry.state == TrialState.COMPLETE
+    assert len(after) == 5
+
+
+def test_stale_trial_of_another_host_is_retried_after_the_grace_period(study_params, tmp_path):
+    cfg = config.load(study_params(n_trials=2, grace_s=1))
+    storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(tmp_path / "j.journal")))
+    study = study_mod.create_or_load(cfg, storage, "test")
+    trial = study.ask()
+    space_mod.suggest(trial, cfg.search.space)
+    storage.set_trial_system_attr(trial._trial_id, study_mod.ATTR_WORKER, "elsewhere:1")
+    storage.set_trial_system_attr(trial._trial_id, study_mod.ATTR_BEAT, time.time() - 5)
+    assert study_mod.fail_stale_trials(study, cfg.search) == [trial.number]
+    (queued,) = study.get_trials(states=(TrialState.WAITING,))
+    assert queued.system_attrs["fixed_params"] == study.trials[0].params  # what the retry will run
+    assert "no heartbeat from elsewhere:1" in study.trials[0].user_attrs["fail_reason"]
+
+
+# ------------------------------------------------------------------------ errors
+def test_changed_space_on_a_stored_study_is_one_line(study_params, tmp_path):
+    journal = tmp_path / "study.journal"
+    proc = _worker(study_params(n_trials=1), journal, tmp_path / "w.json")
+    assert proc.wait(timeout=60) == 0, proc.stderr.read()
+    changed = study_params(n_trials=1, space=[*SPACE[:2], {"key": "model.depths_down", "type": "categorical",
+                                                            "choices": [[2, 2], [2, 4]]}])
+    proc = _worker(changed, journal, tmp_path / "w2.json")
+    assert proc.wait(timeout=60) == 2
+    err = proc.stderr.read().strip().splitlines()
+    assert len(err) == 1 and "search.space no longer matches" in err[0] and "~model.depths_down" in err[0]
+
+
+def test_worker_pointed_at_a_missing_study_is_one_line(study_params, tmp_path):
+    params = study_params()
+    proc = _stage("--params", str(params), "--worker", "--storage", str(tmp_path / "none.journal"), "--study", "nope")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "study 'nope' not found" in lines[0] and "no studies" in lines[0]
+
+
+@pytest.mark.parametrize(("url", "says"), [
+    ("postgresql://u:secret@127.0.0.1:9/optuna", "database not reachable"),
+    ("mysql://u@127.0.0.1:9/optuna", "driver 'MySQLdb' is not installed"),
+    ("ftp://host/x", "unknown URL scheme"),
+])
+def test_unusable_study_storage_is_one_line_naming_the_key(study_params, url, says):
+    proc = _stage("--params", str(study_params()), "--storage", url)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "search.storage" in lines[0] and says in lines[0], proc.stderr
+    assert "secret" not in proc.stderr
+
+
+# ------------------------------------------------------------------------ report
+def test_reports_hold_best_params_trials_plots_and_the_exp_run_line(study_params, tmp_path):
+    params, journal = study_params(n_trials=5), tmp_path / "study.journal"
+    proc = _worker(params, journal, tmp_path / "w.json", "--fail-every", "5")
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
+    cfg, study = config.load(params), _load(journal, params)
+    info = report.write_reports(study, cfg.search.space, tmp_path / "reports", str(journal), "val.csi_m")
+    best = yaml.safe_load((tmp_path / "reports/best_params.yaml").read_text())
+    assert best["best_trial"] == study.best_trial.number and best["best_value"] == pytest.approx(study.best_value)
+    assert best["params"]["model.depths_down"] in ([2, 2], [1, 3])
+    assert best["command"] == info["command"] and best["command"].startswith("dvc exp run -n ")
+    assert best["trials"] == {"complete": 4, "fail": 1}
+    rows = (tmp_path / "reports/trials.csv").read_text().splitlines()
+    assert rows[0].startswith("number,state,value,duration_s,epochs,reason,train.phase1.lr")
+    assert len(rows) == 6 and "simulated non-finite loss" in rows[5]
+    for name in ("history.png", "importances.png", "parallel.png"):
+        png = (tmp_path / "reports" / name).read_bytes()
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_missing_driver_for_tracking_uri_is_one_line(monkeypatch):
+    from pipeline.tracking import check_store_url
+
+    with pytest.raises(PipelineError, match=r"tracking.uri = mssql://u:\*\*\*@h/db: database driver 'pyodbc' is not installed"):
+        check_store_url("mssql://u:pw@h/db", "tracking.uri")
