@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> None:
         with study_mod.quiet_optuna():
             study_mod.StudyRunner(study, cfg.search, Phase1Objective(cfg, workdir / "trials", tracker), lock).run()
         out = args.out if args.out.is_absolute() else project_root() / args.out
-        info = write_reports(study, cfg.search, out, desc, cfg.search.metric)
+        info = write_reports(study, cfg.search.space, out, desc, cfg.search.metric)
         mlflow.log_metrics({f"trials.{k}": float(v) for k, v in info["trials"].items()})
         if info["best_value"] is not None:
             mlflow.log_metrics({"best_value": info["best_value"], "best_trial": float(info["best_trial"])})
