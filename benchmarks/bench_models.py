@@ -3,7 +3,8 @@
     python benchmarks/bench_models.py [--device auto|cpu|cuda|cpu,cuda] [--models convlstm,swinlstm,...]
         [--size 64] [--batch N] [--in-len 10] [--out-len 10] [--warmup N] [--steps N] [--threads N]
         [--reference /work/ref/SwinLSTM --reference-path /work/ref/site] [--ref-config auto|mnist|mnist-small]
-        [--variants fp32,bf16,fp16,compile-bf16] [--no-compile] [--repeats 1] [--json out.json]
+        [--memory-reference /work/ref/datswinlstm_memory_fork] [--memory-config auto|reference|cpu-small]
+        [--memory-in-len 8] [--variants fp32,bf16,fp16,compile-bf16] [--no-compile] [--repeats 1] [--json out.json]
 
 What one measurement is: ``--warmup`` untimed then ``--steps`` timed training steps, each
 ``zero_grad(set_to_none) -> forward of the whole sequence -> MSE loss -> backward`` (no optimizer
@@ -23,6 +24,24 @@ Cases, in order:
     from the last input / own predictions = T_in + T_out - 1 steps, as many as ours), with its
     training loss (MSE over all T_in + T_out - 1 outputs against frames 1..T_in and the targets).
     The headline is ``our SwinLSTM-D time / reference time`` per variant (target <= 1.0 on CPU).
+
+  * ``datswinlstm_memory`` at a MEMORY config (``--memory-config``) and the public
+    DATSwinLSTM-D-Memory (``models/DATSwinLSTM_D_Memory.py`` of github.com/lankerr/datswinlstm_memory,
+    the maintained fork of zzcd1/datswinlstm_memory, passed by ``--memory-reference DIR``) at the
+    same config, shapes and batch, both a PHASE-1 training step (the long clip through the context
+    encoder, bank trainable): the reference as its ``Memory.forward(inputs, memory_x, phase=1)``
+    (T_in - 1 + T_out outputs, MSE against the next frames), ours ``model(x, T_out, memory_x=long,
+    phase=1)``. Headline: ``our memory model time / reference time`` and the same for peak memory.
+    The original zzcd1 code cannot run here: its MotionSqueeze imports ``spatial_correlation_sampler``,
+    whose only build (0.5.0) is a CUDA extension (``CUDA_HOME`` is required to even install it); the
+    fork falls back to a pure-PyTorch correlation when that import fails, and makes the hard-coded
+    384 x 384 / embed-128 sizes dynamic, so it runs on CPU and at smaller sizes. Its temporal
+    convolutions have no padding: the inputs need T_in >= 7 (``--memory-in-len``, default 8).
+
+Memory presets (``--memory-config``; the reference's order of ``depths_up``):
+  reference    384 x 384, patch 4, embed 128, window 4, depths_down [3, 2], depths_up [2, 3],
+               heads [4, 8], memory 100 x 512  (presets/reference_sevir.yaml; the CUDA default)
+  cpu-small    the same at 128 x 128 with embed 32 and memory 100 x 128 (the CPU default)
 
 Reference presets (the public Moving-MNIST defaults of ``configs.py``; the public code only
 supports patch_size 2, its ConvTranspose head upsamples by exactly 2):
@@ -62,16 +81,22 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 OURS = ("convlstm", "swinlstm", "datswinlstm_memory")
-MODEL_CHOICES = (*OURS, "reference")
+MODEL_CHOICES = (*OURS, "reference", "memory-reference")
 CUDA_VARIANTS = ("fp32", "bf16", "fp16", "compile-bf16")
 ALL_VARIANTS = ("fp32", "bf16", "fp16", "compile-fp32", "compile-bf16")
 REF_PRESETS: dict[str, dict[str, Any]] = {
     "mnist": dict(patch_size=2, embed_dim=128, window_size=4, heads=[4, 8], depths_down=[2, 6], depths_up=[6, 2]),
     "mnist-small": dict(patch_size=2, embed_dim=32, window_size=4, heads=[4, 8], depths_down=[2, 6], depths_up=[6, 2]),
 }
-DEVICE_DEFAULTS = {  # batch, warmup, steps, reference preset
-    "cpu": dict(batch=2, warmup=1, steps=3, ref_config="mnist-small"),
-    "cuda": dict(batch=8, warmup=3, steps=10, ref_config="mnist"),
+MEMORY_PRESETS: dict[str, dict[str, Any]] = {  # depths_up in the reference's order (shallow first)
+    "reference": dict(size=384, patch_size=4, embed_dim=128, window_size=4, heads=[4, 8], depths_down=[3, 2],
+                      depths_up=[2, 3], slots=100, memory_dim=512),
+    "cpu-small": dict(size=128, patch_size=4, embed_dim=32, window_size=4, heads=[4, 8], depths_down=[3, 2],
+                      depths_up=[2, 3], slots=100, memory_dim=128),
+}  # fmt: skip
+DEVICE_DEFAULTS = {  # batch, warmup, steps, reference preset, memory preset
+    "cpu": dict(batch=2, warmup=1, steps=3, ref_config="mnist-small", memory_config="cpu-small"),
+    "cuda": dict(batch=8, warmup=3, steps=10, ref_config="mnist", memory_config="reference"),
 }
 RESULT_TAG = "BENCH_RESULT "
 SUMMARY_KEYS = (
@@ -103,6 +128,35 @@ def _load_reference(ref_dir: str, extra_paths: list[str]) -> Any:
     return module
 
 
+def _load_memory_reference(ref_dir: str, extra_paths: list[str]) -> Any:
+    """The public DATSwinLSTM_D_Memory module, imported from its checkout's models/ as a package of its own."""
+    import types
+
+    for p in extra_paths:
+        if p not in sys.path:
+            sys.path.append(p)
+    package = types.ModuleType("datswinlstm_memory_reference")
+    package.__path__ = [str(Path(ref_dir) / "models")]  # its relative imports: .MotionSqueeze, .dat_blocks
+    sys.modules[package.__name__] = package
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return importlib.import_module(f"{package.__name__}.DATSwinLSTM_D_Memory")
+
+
+def memory_equal_config(preset: dict[str, Any]) -> dict[str, Any]:
+    """Our ``model`` section equal to a MEMORY_PRESETS entry (the reference's DAT groups, MotionSqueeze 7 x 7)."""
+    return dict(
+        name="datswinlstm_memory", patch_size=preset["patch_size"], embed_dim=preset["embed_dim"],
+        window_size=preset["window_size"], heads=preset["heads"], depths_down=preset["depths_down"],
+        depths_up=list(reversed(preset["depths_up"])), mlp_ratio=4.0, dropout=0.0, drop_path=0.1,
+        skips=False, head="sigmoid", pos="relative", dat={"groups": 4, "sampling": "window", "offset_range": 1.0},
+        memory={"slots": preset["slots"], "dim": preset["memory_dim"], "heads": 8, "corr_radius": 3,
+                "encoders": "separate", "read": "attention", "fusion": "reference"},
+    )  # fmt: skip
+
+
 def _child(spec: dict[str, Any]) -> dict[str, Any]:
     import psutil
     import torch
@@ -130,6 +184,20 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
             num_heads=rc["heads"],
             window_size=rc["window_size"],
         )
+    elif spec["kind"] == "memory_reference":
+        from argparse import Namespace
+
+        ref = _load_memory_reference(spec["memory_reference"], spec["reference_path"])
+        mc = spec["mem_cfg"]
+        ref_args = Namespace(
+            input_img_size=S, patch_size=mc["patch_size"], input_channels=C, embed_dim=mc["embed_dim"],
+            depths_down=mc["depths_down"], depths_up=mc["depths_up"], heads_number=mc["heads"],
+            window_size=mc["window_size"], out_len=T_out,
+        )  # fmt: skip
+        model = ref.Memory(
+            ref_args, memory_channel_size=mc["memory_dim"], memory_slot_size=mc["slots"],
+            short_len=T_in, long_len=T_in + T_out,
+        )  # fmt: skip
     else:
         sys.path.insert(0, str(ROOT))
         from models import build
@@ -161,6 +229,13 @@ def _child(spec: dict[str, Any]) -> dict[str, Any]:
                 outputs.append(output)
                 last_input = output
             return torch.stack(outputs).permute(1, 0, 2, 3, 4).contiguous()
+
+    elif spec["kind"] == "memory_reference":
+        target = torch.cat((x[:, 1:], y), dim=1)  # its outputs: every step's next frame
+        long_clip = torch.cat((x, y), dim=1)
+
+        def forward() -> torch.Tensor:
+            return torch.stack(run(x, memory_x=long_clip, phase=phase), dim=1)
 
     else:
         target = y
@@ -304,6 +379,19 @@ def main(argv: list[str] | None = None) -> int:
         choices=("auto", *REF_PRESETS),
         help="equal-config preset (default: cpu mnist-small, cuda mnist)",
     )
+    ap.add_argument(
+        "--memory-reference",
+        default=None,
+        help="checkout of the public DATSwinLSTM-D-Memory (lankerr/datswinlstm_memory: holds models/)",
+    )
+    ap.add_argument(
+        "--memory-config",
+        default="auto",
+        choices=("auto", *MEMORY_PRESETS),
+        help="memory-model comparison preset (default: cpu cpu-small, cuda reference)",
+    )
+    ap.add_argument("--memory-in-len", type=int, default=8, help="T_in of the memory comparison (>= 7, default 8)")
+    ap.add_argument("--memory-out-len", type=int, default=4, help="T_out of the memory comparison (default 4)")
     ap.add_argument("--repeats", type=int, default=1, help="run the ours/reference pair this many times, alternating")
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per child measurement")
     ap.add_argument("--json", type=Path, default=None, help="also write every result here")
@@ -395,6 +483,50 @@ def main(argv: list[str] | None = None) -> int:
                 f"{' @ ' + commit.stdout.strip() if commit.returncode == 0 else ''}"
             )
 
+    mem_reason = None
+    if "memory-reference" in wanted:
+        ref_file = Path(args.memory_reference or "") / "models" / "DATSwinLSTM_D_Memory.py"
+        if not args.memory_reference:
+            mem_reason = "no --memory-reference given"
+        elif not ref_file.is_file():
+            mem_reason = f"{ref_file} not found"
+        elif args.memory_in_len < 7:
+            mem_reason = f"--memory-in-len {args.memory_in_len} < 7: the reference's unpadded temporal convs need 7"
+        else:
+            probe = subprocess.run(
+                [
+                    sys.executable,
+                    "-c",
+                    "import sys; from benchmarks.bench_models import _load_memory_reference as f; "
+                    "f(sys.argv[1], sys.argv[2:])",
+                    args.memory_reference,
+                    *args.reference_path,
+                ],
+                capture_output=True,
+                text=True,
+                cwd=str(ROOT),
+                env={
+                    **os.environ,
+                    "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
+                },
+            )
+            if probe.returncode:
+                last = [ln for ln in probe.stderr.strip().splitlines() if ln.strip()]
+                mem_reason = (
+                    f"cannot import {ref_file}: {last[-1] if last else '?'} (it needs einops and "
+                    "timm.models.layers, and spatial_correlation_sampler unless it is the fork with a fallback; "
+                    "pass --reference-path DIR holding them)"
+                )
+        if mem_reason:
+            print(f"MEMORY REFERENCE COMPARISON SKIPPED: {mem_reason}")
+        else:
+            commit = subprocess.run(
+                ["git", "-C", args.memory_reference, "rev-parse", "HEAD"], capture_output=True, text=True
+            )
+            print(
+                f"memory reference: {ref_file.resolve()}{' @ ' + commit.stdout.strip() if commit.returncode == 0 else ''}"
+            )
+
     results: list[dict[str, Any]] = []
     t_start = time.perf_counter()
     for device in devices:
@@ -462,6 +594,33 @@ def main(argv: list[str] | None = None) -> int:
             pair.append(dict(base, kind="reference", case="reference SwinLSTM-D", config=preset, ref_cfg=rc))
         for r in range(args.repeats):
             cases += [dict(c, repeat=r) for c in (pair if r % 2 == 0 else pair[::-1])]
+        mem_preset = dd["memory_config"] if args.memory_config == "auto" else args.memory_config
+        mc = MEMORY_PRESETS[mem_preset]
+        mem_pair: list[dict[str, Any]] = []
+        if "memory-reference" in wanted or "datswinlstm_memory" in wanted:
+            mem_base = dict(base, size=mc["size"], in_len=args.memory_in_len, out_len=args.memory_out_len, phase=1)
+            mem_pair.append(
+                dict(
+                    mem_base,
+                    kind="ours",
+                    case="datswinlstm_memory",
+                    config=f"mem-{mem_preset}",
+                    model_cfg=memory_equal_config(mc),
+                )  # fmt: skip
+            )
+            if "memory-reference" in wanted and not mem_reason:
+                mem_pair.append(
+                    dict(
+                        mem_base,
+                        kind="memory_reference",
+                        case="reference DATSwin-Mem",
+                        config=f"mem-{mem_preset}",
+                        mem_cfg=mc,
+                        memory_reference=args.memory_reference,
+                    )  # fmt: skip
+                )
+        for r in range(args.repeats):
+            cases += [dict(c, repeat=r) for c in (mem_pair if r % 2 == 0 else mem_pair[::-1])]
 
         print(
             f"\n== {device}: batch {batch}, warmup {warmup}, timed steps {steps}, variants {', '.join(variants)}; "
@@ -587,6 +746,27 @@ def _report(results: list[dict[str, Any]], devices: list[str], args: argparse.Na
                     )
         if not dev_sum["ratio_ours_over_reference"]:
             print(f"{device.upper()}: no reference ratio (reference skipped or failed)")
+        for v in variants:
+            ours = [a for k, a in agg.items() if k[0] == "datswinlstm_memory" and k[1].startswith("mem-") and k[2] == v]
+            ref = [a for k, a in agg.items() if k[0].startswith("reference DATSwin") and k[2] == v]
+            if not (ours and ref and "error" not in ours[0] and "error" not in ref[0]):
+                continue
+            o, r = ours[0], ref[0]
+            mem_key = "peak_cuda_mib" if device == "cuda" else "peak_rss_rise_mib"
+            ratios = dict(
+                time=o["median_s"] / r["median_s"],
+                cpu_time=o["median_cpu_s"] / r["median_cpu_s"],
+                peak_memory=o[mem_key] / r[mem_key] if r[mem_key] else float("nan"),
+            )
+            dev_sum.setdefault("memory_model_ours_over_reference", {})[v] = ratios
+            print(
+                f"{device.upper()} {v}: our DATSwinLSTM-D-Memory / reference: time {ratios['time']:.2f}, "
+                f"peak memory {ratios['peak_memory']:.2f} (targets <= 1.0: "
+                f"{'MET' if ratios['time'] <= 1.0 and ratios['peak_memory'] <= 1.0 else 'NOT MET'})"
+                f"   [ours {o['median_s'] * 1e3:.0f} ms {o[mem_key]:.0f} MiB, reference {r['median_s'] * 1e3:.0f} ms "
+                f"{r[mem_key]:.0f} MiB per phase-1 step; params ours {o['params']:,}, reference {r['params']:,}; "
+                f"by process CPU time {ratios['cpu_time']:.2f}]"
+            )
         if device == "cuda":
             for k, a in agg.items():
                 if k[2] == "fp32" or "error" in a:

@@ -22,7 +22,7 @@ class Forecaster(nn.Module):
     uses_memory: ClassVar[bool] = False  # True: train with two phases per batch (see datswinlstm_memory)
 
     def memory_parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters that train only in phase 1 (the memory bank); none here."""
+        """Parameters that train only in phase 1 (the memory bank, the context encoder); none here."""
         return iter(())
 
     def set_memory_trainable(self, flag: bool) -> None:
@@ -30,9 +30,13 @@ class Forecaster(nn.Module):
         for p in self.memory_parameters():
             p.requires_grad_(flag)
 
-    def phase2_unused_parameters(self) -> list[str]:
-        """Names of parameters that get no gradient in phase 2 (DDP needs ``find_unused_parameters`` if any)."""
+    def unused_parameters(self, phase: int) -> list[str]:
+        """Names of parameters that get no gradient in ``phase`` (DDP needs ``find_unused_parameters`` if any)."""
         return []
+
+    def phase2_unused_parameters(self) -> list[str]:
+        """Names of parameters that get no gradient in phase 2: ``unused_parameters(2)``."""
+        return self.unused_parameters(2)
 
 
 def check_input(x: Tensor, cfg: ModelConfig, out_len: int) -> None:

@@ -95,10 +95,12 @@ def shifted_window_mask(
 
 
 # ------------------------------------------------------------------- attention
-def window_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor | None, dropout_p: float) -> Tensor:
+def window_attention(
+    q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, mask: Tensor | None, dropout_p: float
+) -> Tensor:
     """softmax(q k^T / sqrt(hd) + bias [+ mask]) v over windows; q, k, v (B*nW, nh, N, hd) -> (B*nW, nh, N, hd).
 
-    ``bias``: (nh, N, N) or (B*nW, nh, N, N), the relative-position bias; ``mask``: (nW, N, N) or None,
+    ``bias``: (nh, N, N) or (B*nW, nh, N, N), the relative-position bias, or None; ``mask``: (nW, N, N) or None,
     the shifted-window mask, shared by every sample. Windows are ordered sample-major, as
     :func:`window_partition` makes them.
 
@@ -113,6 +115,10 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor
     The choice depends on the device type and the grad mode only: static under ``torch.compile``, no sync.
     """
     nh, N = q.shape[1], q.shape[2]
+    if bias is None:
+        if mask is None:
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
+        bias = torch.zeros((), device=q.device, dtype=mask.dtype).expand(nh, N, N)
     if q.device.type == "cpu" and torch.is_grad_enabled():
         attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1) + bias  # (B*nW, nh, N, N)
         if mask is not None:
@@ -130,35 +136,114 @@ def window_attention(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, mask: Tensor
     return F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype), dropout_p=dropout_p)
 
 
+# --------------------------------------------------------- position encodings
+POSITION_KINDS = ("relative", "absolute", "sincos", "rotary")
+ROTARY_BASE = 100.0  # positions are a few tokens (a window, or a deformed key near it): short wavelengths
+
+
+def window_coords(window: int) -> Tensor:
+    """(N, 2) float (row, col) of each position in a window, row-major (the order of :func:`window_partition`)."""
+    rows, cols = torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")
+    return torch.stack([rows.flatten(), cols.flatten()], dim=-1).float()
+
+
+def sincos_2d(coords: Tensor, dim: int) -> Tensor:
+    """Fixed 2D sin/cos embedding (N, dim) of (N, 2) (row, col) positions; dim % 4 == 0 (half per axis)."""
+    quarter = dim // 4
+    freqs = 1.0 / (10000.0 ** (torch.arange(quarter, dtype=torch.float32) / max(quarter, 1)))
+    parts = []
+    for axis in range(2):
+        angle = coords[:, axis, None] * freqs  # (N, dim/4)
+        parts += [angle.sin(), angle.cos()]
+    return torch.cat(parts, dim=-1)
+
+
+def rotary_2d(t: Tensor, pos: Tensor) -> Tensor:
+    """2D rotary position embedding: t (..., N, hd) rotated by pos (..., N, 2) (row, col), hd % 4 == 0.
+
+    The first half of the head channels turns with the row, the second with the column; each half is
+    hd/4 rotation pairs at frequencies ROTARY_BASE^(-i / (hd/4)). q.k then depends on positions only
+    through their difference: a relative encoding that also holds at the continuous positions of
+    deformed keys.
+    """
+    hd = t.shape[-1]
+    quarter = hd // 4
+    freqs = ROTARY_BASE ** (-torch.arange(quarter, device=t.device, dtype=torch.float32) / quarter)
+    out = []
+    for axis in range(2):
+        half = t[..., axis * hd // 2 : (axis + 1) * hd // 2].float()
+        a, b = half[..., :quarter], half[..., quarter:]
+        angle = pos[..., axis, None].float() * freqs  # (..., N, hd/4)
+        cos, sin = angle.cos(), angle.sin()
+        out += [a * cos - b * sin, a * sin + b * cos]
+    return torch.cat(out, dim=-1).to(t.dtype)
+
+
+class AddedPosition(nn.Module):
+    """``absolute`` (learned) or ``sincos`` (fixed) embedding per position in a window, added to the tokens.
+
+    (B, H, W, C) -> (B, H, W, C): every window gets the same (window, window, C) pattern, so it works on
+    any map whose sides are multiples of the window (the frame size is not known at construction).
+    """
+
+    def __init__(self, kind: str, dim: int, window: int) -> None:
+        super().__init__()
+        self.window = window
+        if kind == "absolute":
+            self.table = nn.Parameter(torch.zeros(window, window, dim))
+            nn.init.trunc_normal_(self.table, std=0.02)
+        elif kind == "sincos":
+            self.register_buffer("table", sincos_2d(window_coords(window), dim).view(window, window, dim), False)
+        else:
+            raise ValueError(f"model.pos: {kind!r} is not an added embedding")
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, H, W, C = x.shape
+        ws = self.window
+        return (x.view(B, H // ws, ws, W // ws, ws, C) + self.table[:, None].to(x.dtype)).view(B, H, W, C)
+
+
 class WindowAttention(nn.Module):
-    """Swin (shifted) window multi-head self-attention with a relative position bias table.
+    """Swin (shifted) window multi-head self-attention with a position encoding (``pos``, see ModelConfig).
 
     Promise: (B, H, W, C) -> (B, H, W, C) for H, W multiples of ``window``.
     """
 
-    def __init__(self, dim: int, heads: int, window: int, shifted: bool, dropout: float = 0.0) -> None:
+    def __init__(
+        self, dim: int, heads: int, window: int, shifted: bool, dropout: float = 0.0, pos: str = "relative"
+    ) -> None:
         super().__init__()
-        self.heads, self.window, self.shifted, self.dropout = heads, window, shifted, dropout
+        if pos not in POSITION_KINDS:
+            raise ValueError(f"model.pos: unknown position encoding {pos!r}; one of {', '.join(POSITION_KINDS)}")
+        self.heads, self.window, self.shifted, self.dropout, self.pos = heads, window, shifted, dropout, pos
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
         self.proj_drop = nn.Dropout(dropout)
-        # one learnable bias per head and per relative offset (dy, dx) in [-(w-1), w-1]^2
-        self.bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
-        nn.init.trunc_normal_(self.bias_table, std=0.02)
-        coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
-        rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # (N, N, 2)
-        self.register_buffer("bias_index", rel[..., 0] * (2 * window - 1) + rel[..., 1], persistent=False)
+        self.added = AddedPosition(pos, dim, window) if pos in ("absolute", "sincos") else None
+        if pos == "relative":
+            # one learnable bias per head and per relative offset (dy, dx) in [-(w-1), w-1]^2
+            self.bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, heads))
+            nn.init.trunc_normal_(self.bias_table, std=0.02)
+            coords = torch.stack(torch.meshgrid(torch.arange(window), torch.arange(window), indexing="ij")).flatten(1)
+            rel = (coords[:, :, None] - coords[:, None, :]).permute(1, 2, 0) + (window - 1)  # (N, N, 2)
+            self.register_buffer("bias_index", rel[..., 0] * (2 * window - 1) + rel[..., 1], persistent=False)
+        if pos == "rotary":
+            self.register_buffer("coords", window_coords(window), persistent=False)  # (N, 2)
 
     def forward(self, x: Tensor) -> Tensor:
         B, H, W, C = x.shape
         ws, nh = self.window, self.heads
+        if self.added is not None:  # before the roll: positions belong to the unshifted windows' grid
+            x = self.added(x)
         sh, sw = shift_sizes(H, W, ws, self.shifted)
         if sh or sw:
             x = torch.roll(x, shifts=(-sh, -sw), dims=(1, 2))
         qkv = self.qkv(window_partition(x, ws))  # (B*nW, N, 3C)
         q, k, v = qkv.view(qkv.shape[0], ws * ws, 3, nh, C // nh).permute(2, 0, 3, 1, 4)  # each (B*nW, nh, N, hd)
+        if self.pos == "rotary":
+            q, k = rotary_2d(q, self.coords), rotary_2d(k, self.coords)
 
-        bias = self.bias_table[self.bias_index].permute(2, 0, 1)  # (nh, N, N)
+        bias = self.bias_table[self.bias_index].permute(2, 0, 1) if self.pos == "relative" else None  # (nh, N, N)
         mask = shifted_window_mask(H, W, ws, sh, sw, x.device) if sh or sw else None  # (nW, N, N)
         out = window_attention(q, k, v, bias, mask, self.dropout if self.training else 0.0)  # (B*nW, nh, N, hd)
         out = out.transpose(1, 2).reshape(-1, ws * ws, C)
@@ -297,15 +382,26 @@ class PixelHead(nn.Module):
     """(B, H/p, W/p, D) tokens -> (B, C_out, H, W) pixels, for ANY patch size p.
 
     LayerNorm, Linear D -> C_out * p^2, then pixel shuffle by exactly p: the
-    inverse of :class:`PatchEmbed`, so the output always matches the input size.
+    inverse of :class:`PatchEmbed`, so the output always matches the input size;
+    ``sigmoid`` then bounds it to 0-1.
     """
 
-    def __init__(self, dim: int, out_channels: int, patch: int) -> None:
+    # sigmoid head: the initial output bias, sigmoid(-3) = 0.047, near the mean of mostly-empty VIL rather
+    # than 0.5 everywhere (measured: a 0.5 start spends the first steps just darkening the whole frame)
+    SIGMOID_BIAS = -3.0
+
+    def __init__(self, dim: int, out_channels: int, patch: int, sigmoid: bool = False) -> None:
         super().__init__()
-        self.patch = patch
+        self.patch, self.sigmoid = patch, sigmoid
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, out_channels * patch * patch)
 
+    def reset_parameters(self) -> None:
+        """Called by the backbone's init after the Swin init of the Linear: the sigmoid head's bias start."""
+        if self.sigmoid:
+            nn.init.constant_(self.proj.bias, self.SIGMOID_BIAS)
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.proj(self.norm(x)).permute(0, 3, 1, 2)  # (B, C_out * p^2, H/p, W/p)
-        return F.pixel_shuffle(x, self.patch)  # (B, C_out, H, W)
+        x = F.pixel_shuffle(x, self.patch)  # (B, C_out, H, W)
+        return torch.sigmoid(x) if self.sigmoid else x  # model.head: sigmoid bounds to 0-1 (the reference)

@@ -34,7 +34,10 @@ class DATConfig(_Section):
     """Deformable window attention (name: datswinlstm_memory)."""
 
     groups: PositiveInt = 2  # offset groups; each shares one set of sampling points; divides every heads[i]
-    offset_range: Annotated[float, Field(gt=0)] = 2.0  # max |offset| in tokens (tanh-bounded)
+    # window: keys sampled inside each query's window, +-offset_range tokens, clamped to the window (the
+    # reference's DAT-Swin); global: +-offset_range tokens anywhere on the map (zeros outside it)
+    sampling: Literal["window", "global"] = "window"
+    offset_range: Annotated[float, Field(gt=0)] = 1.0  # max |offset| in tokens (tanh-bounded); reference: 1
     offset_kernel: PositiveInt = 3  # depthwise conv kernel of the offset network, odd
 
 
@@ -42,8 +45,19 @@ class MemoryConfig(_Section):
     """Long-term motion memory (name: datswinlstm_memory)."""
 
     slots: PositiveInt = 100  # rows of the learnable memory bank
-    dim: PositiveInt = 64  # channels of each slot (and of the motion query)
-    corr_radius: Annotated[int, Field(ge=1, le=4)] = 1  # correlation window (2r+1)^2 of the motion module
+    dim: PositiveInt = 64  # channels of each slot (and of the motion query); reference: 512
+    corr_radius: Annotated[int, Field(ge=1, le=4)] = 3  # correlation window (2r+1)^2 of the motion module; ref 3
+    # separate: a context encoder reads the long clip (phase 1), a matching encoder the short input (phase 2,
+    # inference), as LMC-Memory and the reference; shared: one query encoder for both
+    encoders: Literal["separate", "shared"] = "separate"
+    # attention: learned position embedding, self-attention over the query tokens, multi-head cross-attention
+    # to the bank, feed-forward, sigmoid(LayerNorm) (the reference); cosine: softmax of cosine similarity
+    read: Literal["attention", "cosine"] = "attention"
+    heads: PositiveInt = 8  # heads of the attention read and of fusion cross_attention; divides memory.dim
+    # reference: the deepest down cell's state c <- Linear([c; g m]) with a per-token gate g, at forecast steps;
+    # gated: h + g m into the bottom up cell's hidden state, one global channel gate g; concat: h + Linear([h; m])
+    # there; cross_attention: h + attention(h tokens -> memory tokens) there
+    fusion: Literal["reference", "gated", "concat", "cross_attention"] = "reference"
 
 
 class ModelConfig(_Section):
@@ -60,6 +74,14 @@ class ModelConfig(_Section):
     mlp_ratio: Annotated[float, Field(gt=0)] = 4.0
     dropout: Fraction = 0.0  # attention, projection and MLP dropout
     drop_path: Fraction = 0.1  # stochastic depth, rising linearly to this over all blocks
+    # U-Net skips: add down stage i's output to the up path at the same grid. The published SwinLSTM-D and
+    # DATSwinLSTM-D-Memory have none (false); true is our addition
+    skips: bool = False
+    head: Literal["sigmoid", "linear"] = "sigmoid"  # sigmoid bounds predictions to 0-1 (the reference)
+    # position information of window attention: relative (a learned bias per relative offset, Swin), absolute
+    # (a learned embedding per position in the window, added to the tokens), sincos (fixed 2D sin/cos, added),
+    # rotary (2D RoPE on queries and keys; head dims multiples of 4)
+    pos: Literal["relative", "absolute", "sincos", "rotary"] = "relative"
     convlstm: ConvLSTMConfig = ConvLSTMConfig()
     dat: DATConfig = DATConfig()
     memory: MemoryConfig = MemoryConfig()
@@ -87,7 +109,20 @@ class ModelConfig(_Section):
                     f"model.embed_dim x 2^{i} = {dim} (stage {i} channels) is not divisible by "
                     f"model.heads[{i}] = {heads}; change model.embed_dim or model.heads"
                 )
+        for i, heads in enumerate(self.heads):
+            head_dim = self.embed_dim * 2**i // heads
+            if self.pos == "rotary" and head_dim % 4:
+                raise ValueError(
+                    f"model.pos = rotary needs head dims divisible by 4, but model.embed_dim x 2^{i} / "
+                    f"model.heads[{i}] = {head_dim}; change model.embed_dim, model.heads or model.pos"
+                )
+        if self.pos == "sincos" and self.embed_dim % 4:
+            raise ValueError(f"model.pos = sincos needs model.embed_dim divisible by 4, got {self.embed_dim}")
         if self.name == "datswinlstm_memory":
+            if self.memory.dim % self.memory.heads:
+                raise ValueError(
+                    f"model.memory.dim = {self.memory.dim} is not divisible by model.memory.heads = {self.memory.heads}"
+                )
             for i, heads in enumerate(self.heads):
                 if heads % self.dat.groups:
                     raise ValueError(

@@ -1,10 +1,13 @@
-"""Parameter counts of every registered model at the params.yaml config.
+"""Parameter counts of every registered model at a model config.
 
-    python -m models.summary [--params params.yaml] [--markdown models/PARAMS.md]
+    python -m models.summary [--preset presets/reference_sevir.yaml] [--markdown FILE]
 
-Builds each model from the ``model`` section of the params file with only
-``model.name`` changed, and prints one Markdown table row per model: total
-parameters, those trained in phase 1 only (the memory bank) and the rest.
+Builds each model from a :class:`~models.config.ModelConfig` with only ``model.name``
+changed, and prints one Markdown table row per model: total parameters, those trained in
+phase 1 only (the memory bank and the context encoder) and the rest. The config is the
+defaults of ModelConfig, with ``--preset``'s ``model`` section applied (a presets/*.yaml
+file; only its ``model`` keys are read, validated by ModelConfig). This module imports
+nothing from ``pipeline``: for the counts at params.yaml, run ``python -m pipeline.summary``.
 """
 
 from __future__ import annotations
@@ -14,6 +17,8 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
+from pydantic import ValidationError
 
 import models
 from models.config import ModelConfig
@@ -28,10 +33,24 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     return {"total": total, "memory": memory, "phase2": total - memory}
 
 
+def config_from_preset(path: Path) -> ModelConfig:
+    """ModelConfig defaults with the ``model`` section of a preset YAML file applied; ValueError names the key."""
+    raw = yaml.safe_load(path.read_text()) or {}
+    section = raw.get("model", {}) if isinstance(raw, dict) else None
+    if not isinstance(section, dict):
+        raise ValueError(f"{path}: expected a mapping with a 'model' section")
+    try:
+        return ModelConfig(**section)
+    except ValidationError as err:
+        first = err.errors()[0]
+        key = ".".join(str(part) for part in ("model", *first["loc"]))
+        raise ValueError(f"{path}: {key}: {first['msg']}") from None
+
+
 def table(cfg: ModelConfig) -> str:
     """A Markdown table of parameter counts, one row per registered model, at ``cfg`` with only the name changed."""
     lines = [
-        "| model | parameters | memory bank (phase 1 only) | trained in phase 2 |",
+        "| model | parameters | phase 1 only (memory bank, context encoder) | trained in phase 2 |",
         "|---|---:|---:|---:|",
     ]
     for name in models.available():
@@ -40,35 +59,40 @@ def table(cfg: ModelConfig) -> str:
     return "\n".join(lines)
 
 
-def describe(cfg: ModelConfig, params: Path) -> str:
+def describe(cfg: ModelConfig, source: str) -> str:
     """One line naming the config the counts are for."""
     return (
-        f"At `{params}`: embed_dim {cfg.embed_dim}, patch_size {cfg.patch_size}, window_size {cfg.window_size}, "
+        f"At {source}: embed_dim {cfg.embed_dim}, patch_size {cfg.patch_size}, window_size {cfg.window_size}, "
         f"depths_down {cfg.depths_down}, depths_up {cfg.depths_up}, heads {cfg.heads}, "
-        f"convlstm.hidden {cfg.convlstm.hidden}, memory {cfg.memory.slots} x {cfg.memory.dim}."
+        f"convlstm.hidden {cfg.convlstm.hidden}, memory {cfg.memory.slots} x {cfg.memory.dim} "
+        f"(read {cfg.memory.read}, fusion {cfg.memory.fusion}, encoders {cfg.memory.encoders}), "
+        f"skips {str(cfg.skips).lower()}, head {cfg.head}, pos {cfg.pos}."
     )
+
+
+def report(cfg: ModelConfig, source: str, markdown: Path | None, command: str) -> str:
+    """The description line and the table; also written to ``markdown`` (atomically) when given."""
+    text = f"{describe(cfg, source)}\n\n{table(cfg)}\n"
+    if markdown is not None:
+        tmp = markdown.with_name(f".{markdown.name}.tmp")
+        tmp.write_text(f"# Model sizes\n\nWritten by `{command}`.\n\n{text}")
+        tmp.replace(markdown)
+    return text
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    parser.add_argument("--preset", type=Path, default=None, help="a presets/*.yaml file (its model section)")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table to this Markdown file")
     args = parser.parse_args(argv)
-
-    from pipeline.config import load  # the one reader of params.yaml
-    from pipeline.errors import PipelineError
-
     try:
-        cfg = load(args.params).model
-    except PipelineError as err:
-        print(f"error: {err}", file=sys.stderr)
+        cfg = config_from_preset(args.preset) if args.preset is not None else ModelConfig()
+    except (OSError, ValueError, yaml.YAMLError) as err:
+        print(f"error: {err}".splitlines()[0], file=sys.stderr)
         return 2
-    text = f"{describe(cfg, args.params)}\n\n{table(cfg)}\n"
-    print(text, end="")
-    if args.markdown is not None:
-        args.markdown.write_text(
-            f"# Model sizes\n\nWritten by `python -m models.summary --markdown {args.markdown}`.\n\n{text}"
-        )
+    source = f"`{args.preset}`" if args.preset is not None else "the ModelConfig defaults"
+    command = "python -m models.summary" + (f" --preset {args.preset}" if args.preset else "")
+    print(report(cfg, source, args.markdown, command), end="")
     return 0
 
 

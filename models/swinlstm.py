@@ -4,21 +4,25 @@ One recurrent step on frame x_t (B, C, H, W):
 
     tokens = PatchEmbed(x_t)                        # (B, H/p, W/p, D)
     down stage i (i = 0 .. S-1): SwinLSTM cell at D * 2^i channels (heads[i]),
+        [optional, memory fusion "reference", deepest down cell at forecast steps: its incoming
+         cell state c is fused with the memory first]
         output kept as skip i, then PatchMerging -> D * 2^(i+1) channels, half the grid
     up stage j (j = 0 .. S-1, deepest first): SwinLSTM cell at D * 2^(S-j) channels
         (heads[S-1-j]: the bottom, D * 2^S, uses heads[-1]), then
-        PatchExpanding -> D * 2^(S-j-1) channels, twice the grid, + skip S-1-j
-    [optional, after up cell 0: fuse a memory map into the bottom hidden state,
-     grid (H / (p 2^S), W / (p 2^S)), D * 2^S channels: the deepest recurrent state]
-    prediction of x_{t+1} = PixelHead(tokens)       # (B, C, H, W), any patch size
+        PatchExpanding -> D * 2^(S-j-1) channels, twice the grid [+ skip S-1-j if model.skips]
+    [optional, other memory fusions, after up cell 0: fuse a memory map into the bottom hidden
+     state, grid (H / (p 2^S), W / (p 2^S)), D * 2^S channels]
+    prediction of x_{t+1} = PixelHead(tokens)       # (B, C, H, W), any patch size [sigmoid if model.head]
 
-This is the layout of the paper and of the public code (SwinLSTM_D.py): a
-merge after every down stage and an expand after every up stage, so the up
-cells run one level below the down cells. Every cell keeps its own (H, C)
-state across steps. Decoding is autoregressive: after the T_in inputs the
-model's own prediction is fed back for the remaining out_len - 1 steps.
-Spatial constraint: H and W multiples of patch_size * window_size * 2^S
-(see ModelConfig.spatial_multiple): the bottom grid must tile into windows.
+The resolution layout is the paper's and the public code's (SwinLSTM_D.py,
+DATSwinLSTM_D_Memory.py): a merge after every down stage and an expand after
+every up stage, so the up cells run one level below the down cells. The
+published models have NO U-Net skips; ``model.skips: true`` adds them (ours,
+not the paper's). Every cell keeps its own (H, C) state across steps. Decoding
+is autoregressive: after the T_in inputs the model's own prediction is fed back
+for the remaining out_len - 1 steps. Spatial constraint: H and W multiples of
+patch_size * window_size * 2^S (see ModelConfig.spatial_multiple): the bottom
+grid must tile into windows.
 """
 
 from __future__ import annotations
@@ -46,13 +50,24 @@ class SwinLSTMD(nn.Module):
     """The SwinLSTM-D backbone, with pluggable attention and an optional deepest-state fusion.
 
     ``make_attention(dim, heads, shifted)`` builds each block's attention;
-    ``deep_fusion(h, memory)``, if given, maps the deepest hidden state (the
-    bottom up cell's, (B, H/(p 2^S), W/(p 2^S), D 2^S)) and a memory map
-    (B, h, w, C_mem) on the same grid to a new hidden state.
+    ``deep_fusion(state, memory)``, if given, fuses a memory map (B, h, w, C_mem)
+    into the recurrent state. ``fusion_site = "up"``: the bottom up cell's hidden
+    state (B, H/(p 2^S), W/(p 2^S), D 2^S) after every step, memory on the same
+    grid. ``"down"`` (the reference): the deepest down cell's incoming cell state
+    c (B, H/(p 2^(S-1)), W/(p 2^(S-1)), D 2^(S-1)) at forecast steps only.
     """
 
-    def __init__(self, cfg: ModelConfig, make_attention: AttentionFactory, deep_fusion: nn.Module | None = None):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        make_attention: AttentionFactory,
+        deep_fusion: nn.Module | None = None,
+        fusion_site: str = "up",
+    ):
         super().__init__()
+        if fusion_site not in ("up", "down"):
+            raise ValueError(f"fusion_site must be 'up' or 'down', got {fusion_site!r}")
+        self.fusion_site = fusion_site
         self.cfg = cfg
         S, D = cfg.stages, cfg.embed_dim
         # stochastic depth rises linearly over all blocks, in the order data meets them
@@ -67,30 +82,44 @@ class SwinLSTMD(nn.Module):
         self.merge = nn.ModuleList(PatchMerging(D * 2**i) for i in range(S))
         self.up = nn.ModuleList(cell(D * 2 ** (S - j), cfg.depths_up[j], cfg.heads[S - 1 - j]) for j in range(S))
         self.expand = nn.ModuleList(PatchExpanding(D * 2 ** (S - j)) for j in range(S))
-        self.head = PixelHead(D, cfg.in_channels, cfg.patch_size)
+        self.head = PixelHead(D, cfg.in_channels, cfg.patch_size, sigmoid=cfg.head == "sigmoid")
         self.apply(_init_weights)
         self.deep_fusion = deep_fusion  # after init: it keeps its own initialisation
 
     def step(
-        self, frame: Tensor, states: list[CellState | None], memory: Tensor | None
+        self, frame: Tensor, states: list[CellState | None], memory: Tensor | None, forecast: bool = True
     ) -> tuple[Tensor, list[CellState | None]]:
-        """One recurrent step: frame (B, C, H, W) -> prediction of the next frame (B, C, H, W)."""
+        """One recurrent step: frame (B, C, H, W) -> prediction of the next frame (B, C, H, W).
+
+        ``forecast``: this step predicts a target frame (the last input's step or a fed-back one).
+        """
         S = self.cfg.stages
+        fuse = self.deep_fusion is not None and memory is not None
         new_states: list[CellState | None] = []
         x = self.embed(frame)  # (B, H/p, W/p, D)
         skips = []
         for i, cell in enumerate(self.down):
-            x, state = cell(x, states[i])  # (B, H/(p 2^i), W/(p 2^i), D 2^i)
+            state = states[i]
+            if fuse and forecast and self.fusion_site == "down" and i == S - 1:
+                # the reference: the deepest down cell's state c <- Linear([c; g m]) at forecast steps; fused
+                # before the cell runs, so the memory shapes this step's forecast (the reference fuses after
+                # the step: its first forecast frame never sees the memory, its last fusion is never used)
+                h, c = state if state is not None else (torch.zeros_like(x), torch.zeros_like(x))
+                state = (h, self.deep_fusion(c, memory))
+            x, state = cell(x, state)  # (B, H/(p 2^i), W/(p 2^i), D 2^i)
             new_states.append(state)
-            skips.append(x)
+            if self.cfg.skips:
+                skips.append(x)
             x = self.merge[i](x)  # (B, H/(p 2^(i+1)), W/(p 2^(i+1)), D 2^(i+1))
         for j, cell in enumerate(self.up):
             x, state = cell(x, states[S + j])  # (B, H/(p 2^(S-j)), W/(p 2^(S-j)), D 2^(S-j))
-            if j == 0 and self.deep_fusion is not None and memory is not None:
+            if j == 0 and fuse and self.fusion_site == "up":
                 x = self.deep_fusion(x, memory)  # memory enters the deepest recurrent state
                 state = (x, state[1])
             new_states.append(state)
-            x = self.expand[j](x) + skips[S - 1 - j]  # (B, 2h, 2w, C/2)
+            x = self.expand[j](x)  # (B, 2h, 2w, C/2)
+            if self.cfg.skips:  # ours, not the paper's: U-Net skips from the down path
+                x = x + skips[S - 1 - j]
         return self.head(x), new_states
 
     def forward(self, x: Tensor, out_len: int, memory: Tensor | None = None) -> Tensor:
@@ -101,7 +130,7 @@ class SwinLSTMD(nn.Module):
         pred = x[:, 0]
         for t in range(T + out_len - 1):
             frame = x[:, t] if t < T else pred  # feed the inputs, then the model's own forecast
-            pred, states = self.step(frame, states, memory)  # (B, C, H, W): frame t + 1
+            pred, states = self.step(frame, states, memory, forecast=t >= T - 1)  # (B, C, H, W): frame t + 1
             if t >= T - 1:
                 preds.append(pred)
         return torch.stack(preds, dim=1)
@@ -121,7 +150,7 @@ def _init_weights(module: nn.Module) -> None:
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, PatchEmbed):
+    elif isinstance(module, (PatchEmbed, PixelHead)):
         module.reset_parameters()
 
 
@@ -130,7 +159,7 @@ class SwinLSTM(Forecaster):
     """SwinLSTM-D with shifted-window attention and a relative position bias table.
 
     Uses ``model.embed_dim, patch_size, window_size, depths_down, depths_up,
-    heads, mlp_ratio, dropout, drop_path, in_channels``.
+    heads, mlp_ratio, dropout, drop_path, in_channels, skips, head, pos``.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
@@ -138,7 +167,7 @@ class SwinLSTM(Forecaster):
         self.cfg = cfg
 
         def attention(dim: int, heads: int, shifted: bool) -> nn.Module:
-            return WindowAttention(dim, heads, cfg.window_size, shifted, cfg.dropout)
+            return WindowAttention(dim, heads, cfg.window_size, shifted, cfg.dropout, cfg.pos)
 
         self.backbone = SwinLSTMD(cfg, attention)
 

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from pipeline import config as config_mod
 from pipeline.cli import run_stage, setup_logging, stage_parser
-from pipeline.tracking import flatten, numeric_metrics, stage_run
 from pipeline.sevir.windows import write_windows
+from pipeline.tracking import flatten, numeric_metrics, stage_run
 
 STATS_PATH = Path("reports/data/chunk_stats.json")  # a plain report (not DVC metrics: dvc exp show leads with scores); also in MLflow
 

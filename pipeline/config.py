@@ -65,7 +65,7 @@ class S3Source(Section):
     retries: NonNegInt = 5
     backoff_s: NonNegFloat = 1.0
     part_size_mb: PositiveInt = 16
-    concurrency: Annotated[int, Field(ge=1, le=64)] = 4  # VIL files downloaded at once (1 = one stream)
+    concurrency: Annotated[int, Field(ge=1, le=64)] = 4  # connections at once: files in flight, else ranged parts of one
 
 
 class LocalSource(Section):
@@ -136,6 +136,7 @@ class WindowsConfig(Section):
     downsample: PositiveInt = 1  # spatial factor, e.g. 3 turns 384x384 into 128x128
     root: Path = Path("data/windows")
     chunk_events: PositiveInt = 1  # events read from h5 at once (bounds memory)
+    workers: Annotated[int, Field(ge=1, le=64)] | None = None  # threads preparing events; None = CPUs - 1, 2 to 4
 
     @property
     def window_len(self) -> int:
@@ -200,7 +201,7 @@ class PhaseConfig(Section):
     balance_weights: list[PositiveFloat] = [1.0, 2.0, 5.0, 10.0, 30.0]
     align: bool = True  # memory models, phase 1: a phase-2 step on the same batch after each phase-1 step
     ema_decay: Annotated[float, Field(ge=0, lt=1)] = 0.0  # 0 = off; else validate and save the EMA weights
-    best_key: str = "val.loss"  # the validation metric that picks best.pt and drives early stopping
+    best_key: str = "val.csi_m"  # the validation metric that picks best.pt and drives early stopping
     best_mode: Literal["auto", "min", "max"] = "auto"  # auto: min for loss/mse/mae keys, max otherwise
     early_stop_patience: NonNegInt = 0  # epochs without improvement of best_key before stopping; 0 = off
 

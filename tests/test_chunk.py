@@ -23,11 +23,11 @@ import pandas as pd
 import pytest
 
 from pipeline import chunk, sevir
-from pipeline.sevir import windows
 from pipeline.cli import run_stage
 from pipeline.config import SplitConfig, WindowsConfig
-from pipeline.sevir.dataset import WindowDataset
 from pipeline.errors import DataError
+from pipeline.sevir import windows
+from pipeline.sevir.dataset import WindowDataset
 
 SIZE = 12
 REPO = Path(__file__).resolve().parents[1]
@@ -421,11 +421,54 @@ def test_reads_at_most_chunk_events_events_per_call_in_file_order(sample, tmp_pa
         return block
 
     monkeypatch.setattr(windows, "read_block", spy)
-    run(sample, tmp_path, chunk_events=2)
+    run(sample, tmp_path, chunk_events=2, workers=1)
     assert calls and max(stop - start for _, start, stop in calls) <= 2
     assert calls == sorted(calls)  # grouped by file, file_index increasing: one sequential pass
     assert sum(stop - start for _, start, stop in calls) == len(sample.vil)  # each kept event read once
-    assert len(buffers) == 2 < len(calls)  # into two reused buffers: memory does not grow with the file
+    assert len(buffers) == 3 < len(calls)  # into workers + 2 reused buffers: memory does not grow with the file
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_more_workers_write_the_same_files_and_stats(sample, tmp_path, workers):
+    one = run(sample, tmp_path / "one", workers=1)
+    many = run(sample, tmp_path / "many", workers=workers)
+    assert {k: v for k, v in one.items() if k != "bytes_written"} == {k: v for k, v in many.items() if k != "bytes_written"}
+    for split in windows.SPLITS:
+        a, b = read_split(tmp_path / "one", split), read_split(tmp_path / "many", split)
+        for name in ("vil", "event_id", "frame_offset", "window_event", "window_start"):
+            np.testing.assert_array_equal(a[name], b[name])
+
+
+def test_plain_bytes_and_hdf5_reads_agree(sample, tmp_path):
+    """SEVIR files are contiguous: events are read with pread. A chunked (or compressed) file goes
+    through h5py; both give the same windows."""
+    plain = run(sample, tmp_path / "plain")
+    with sevir.VilFile(sample.raw / FILE_2019) as f:
+        assert f.contiguous() is not None
+    for name in (FILE_2018, FILE_2019):
+        path = sample.raw / name
+        with h5py.File(path, "r") as f:
+            ids, vil = f["id"][()], f["vil"][()]
+        with h5py.File(path, "w") as f:
+            f.create_dataset("id", data=ids)
+            f.create_dataset("vil", data=vil, chunks=(1, SIZE, SIZE, vil.shape[3]), compression="gzip")
+    with sevir.VilFile(sample.raw / FILE_2019) as f:
+        assert f.contiguous() is None
+    chunked = run(sample, tmp_path / "chunked")
+    assert {k: v for k, v in plain.items() if k != "bytes_written"} == {k: v for k, v in chunked.items() if k != "bytes_written"}
+    for split in windows.SPLITS:
+        np.testing.assert_array_equal(read_split(tmp_path / "plain", split)["vil"], read_split(tmp_path / "chunked", split)["vil"])
+
+
+def test_a_plain_file_cut_short_is_one_clear_error(sample, tmp_path):
+    path = sample.raw / FILE_2019
+    with sevir.VilFile(path) as f:
+        offset = f.contiguous()[1]
+        cut = offset + f.vil.nbytes // 2
+    with open(path, "r+b") as f:  # keep the header (h5py still opens it), lose the second half of the events
+        f.truncate(cut)
+    with pytest.raises(DataError, match="corrupt or truncated"):
+        run(sample, tmp_path)
 
 
 def test_a_file_index_gap_splits_a_read(sample, tmp_path, monkeypatch):

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.sevir.dataset import WindowDataset, make_loader, to_unit
 from pipeline.errors import DataError
+from pipeline.sevir.dataset import WindowDataset, make_loader, to_unit
 
 IN, OUT, H, W = 13, 12, 8, 8
 L = IN + OUT

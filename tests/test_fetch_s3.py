@@ -35,10 +35,9 @@ import pandas as pd
 import pytest
 from botocore.config import Config as BotoConfig
 
-from pipeline.sevir import s3
 from pipeline.config import S3Source
 from pipeline.errors import DataError
-from pipeline.sevir import CATALOG_COLUMNS, PROJ, SOURCE_ROOT_NAME, data_root_of, read_catalog
+from pipeline.sevir import CATALOG_COLUMNS, PROJ, SOURCE_ROOT_NAME, data_root_of, read_catalog, s3
 
 REPO = Path(__file__).resolve().parents[1]
 BUCKET = "sevir"
@@ -211,6 +210,7 @@ class Fault:
     times: int = 1
     status: int = 503
     after: int = 0
+    skip: int = 0  # let this many matching requests through untouched first
 
 
 @dataclass
@@ -231,6 +231,7 @@ class FaultProxy:
     seen: list[Seen] = field(default_factory=list)
     stalled: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # requests arrive on several threads
 
     def start(self) -> None:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _handler_for(self))
@@ -251,10 +252,14 @@ class FaultProxy:
         return [s for s in self.seen if s.method == "GET" and (key is None or s.key == key)]
 
     def take_fault(self, method: str, key: str) -> Fault | None:
-        for fault in self.faults:
-            if fault.method == method and fault.key == key and fault.times != 0:
-                fault.times -= 1
-                return fault
+        with self.lock:
+            for fault in self.faults:
+                if fault.method == method and fault.key == key and fault.times != 0:
+                    if fault.skip:
+                        fault.skip -= 1
+                        return None
+                    fault.times -= 1
+                    return fault
         return None
 
 
@@ -908,3 +913,119 @@ def test_killed_concurrent_fetch_resumes_only_what_is_missing(
     for name in VIL_FILES:
         assert (root / name).read_bytes() == sevir_objects[f"data/{name}"]
     assert sorted(catalog_text(root)["id"]) == ["R1", "R2", "S1", "S2", "S3", "S4", "S5", "S6"]
+
+
+# ------------------------------------------------------------------- ranged parts of one file
+PART = 4096  # RANGE_PART_BYTES in these tests: the ~27 KB test files come in 7 parts
+
+
+@pytest.fixture
+def small_parts(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(s3, "RANGE_PART_BYTES", PART)
+    monkeypatch.setattr(s3, "CHUNK_BYTES", 1024)
+
+
+def _ranges(gets: list[Seen]) -> list[tuple[int, int]]:
+    out = []
+    for get in gets:
+        assert get.range is not None and get.range.startswith("bytes=")
+        a, b = get.range.removeprefix("bytes=").split("-")
+        out.append((int(a), int(b) if b else -1))  # -1: to the end
+    return sorted(out)
+
+
+def test_one_file_is_fetched_in_ranged_parts_in_parallel(
+    tmp_path: Path, proxy: FaultProxy, sevir_objects: dict[str, bytes], small_parts: None,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    _forbid_reread(monkeypatch)  # hashed in order as the parts are appended
+    root, key = tmp_path / "raw", f"data/{FILE_2018}"
+    content = sevir_objects[key]
+    s3.fetch_s3(root, source(proxy, years=[2018], concurrency=4), progress=False)
+    assert (root / FILE_2018).read_bytes() == content
+    expected = [(a, min(a + PART, len(content)) - 1) for a in range(0, len(content), PART)]
+    assert _ranges(proxy.gets(key)) == expected  # every part once, no overlap, nothing missing
+    manifest = json.loads((root / s3.STATE_DIR / s3.MANIFEST_NAME).read_text())
+    assert manifest[FILE_2018]["verified"] == "MD5"
+
+
+def test_ranged_parts_are_retried_on_their_own(
+    tmp_path: Path, proxy: FaultProxy, sevir_objects: dict[str, bytes], small_parts: None, sleeps: list[float]
+) -> None:
+    root, key = tmp_path / "raw", f"data/{FILE_2018}"
+    proxy.faults += [Fault(key, "status", status=503, skip=2), Fault(key, "cut", after=1500, skip=4)]
+    s3.fetch_s3(root, source(proxy, years=[2018], concurrency=4), progress=False)
+    assert (root / FILE_2018).read_bytes() == sevir_objects[key]
+    statuses = [g.status for g in proxy.gets(key)]
+    assert statuses.count(503) == 1 and len(sleeps) == 2
+    cut = next(g for g in proxy.gets(key) if g.sent == 1500)
+    [(start, end)] = _ranges([cut])
+    resumed = [r for r in _ranges(proxy.gets(key)) if r[1] == end and r[0] > start]
+    assert [r[0] for r in resumed] in ([start + 1024], [start + 1500])  # within the part, from the bytes kept
+
+
+def test_ranged_corruption_fails_verification_and_leaves_nothing(
+    tmp_path: Path, proxy: FaultProxy, small_parts: None
+) -> None:
+    root, key = tmp_path / "raw", f"data/{FILE_2018}"
+    proxy.faults.append(Fault(key, "corrupt", times=-1))
+    with pytest.raises(DataError, match=rf"s3://sevir/{key}: downloaded data failed verification twice \(MD5"):
+        s3.fetch_s3(root, source(proxy, years=[2018], concurrency=4), progress=False)
+    assert not (root / FILE_2018).exists() and not (root / f"{FILE_2018}.part").exists()
+
+
+def test_a_server_ignoring_ranges_falls_back_to_one_stream(
+    tmp_path: Path, proxy: FaultProxy, sevir_objects: dict[str, bytes], small_parts: None,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
+    root, key = tmp_path / "raw", f"data/{FILE_2018}"
+    proxy.faults.append(Fault(key, "ignore-range", times=-1))
+    with caplog.at_level(logging.WARNING, logger="pipeline.fetch"):
+        s3.fetch_s3(root, source(proxy, years=[2018], concurrency=4), progress=False)
+    assert "going on with one stream" in caplog.text
+    assert (root / FILE_2018).read_bytes() == sevir_objects[key]
+
+
+KILLED_RANGED_FETCH = """
+import json, sys
+from pathlib import Path
+import pipeline.sevir.s3 as s3
+from pipeline.config import S3Source
+s3.RANGE_PART_BYTES = 4096
+s3.CHUNK_BYTES = 1024
+s3.fetch_s3(Path(sys.argv[1]), S3Source(**json.loads(sys.argv[2])), progress=False)
+"""
+
+
+def test_killed_ranged_fetch_resumes_after_the_parts_on_disk(
+    tmp_path: Path, proxy: FaultProxy, sevir_objects: dict[str, bytes]
+) -> None:
+    """kill -9 while one file comes in 4 parallel ranged parts, one part stalled: the partial file
+    is the parts before it, in order; the next run fetches only the rest and verifies it."""
+    root, key = tmp_path / "raw", f"data/{FILE_2018}"
+    part, content = root / f"{FILE_2018}.part", sevir_objects[key]
+    cfg = source(proxy, years=[2018], concurrency=4)
+    proxy.faults.append(Fault(key, "stall", after=1000, skip=3))
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_RANGED_FETCH, str(root), cfg.model_dump_json()],
+                            cwd=REPO, env=env, stderr=subprocess.PIPE)  # fmt: skip
+    try:
+        assert proxy.stalled.wait(30), proc.stderr.read().decode() if proc.poll() is not None else "no stall"
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and (part.stat().st_size if part.exists() else 0) < PART:
+            time.sleep(0.02)
+        time.sleep(0.3)  # let every part before the stalled one reach the file
+    finally:
+        proc.kill()
+        proc.wait()
+        proxy.release.set()
+    have = part.stat().st_size
+    assert have % PART == 0 and PART <= have < len(content)
+    assert part.read_bytes() == content[:have]  # a prefix, in order
+    proxy.seen.clear()
+
+    s3.fetch_s3(root, cfg, progress=False)  # the default part size: the rest is one ranged stream or a few
+
+    gets = proxy.gets(key)
+    assert min(_ranges(gets))[0] == have and sum(g.sent for g in gets) == len(content) - have
+    assert (root / FILE_2018).read_bytes() == content

@@ -126,21 +126,37 @@ def _loss(model: torch.nn.Module, phase: int, seed: int = 1) -> torch.Tensor:
     return (model(x, 2, memory_x=long, phase=phase) - long[:, 3:]).pow(2).mean()
 
 
+@pytest.mark.parametrize("phase", [1, 2])
 @pytest.mark.parametrize("name", NAMES)
-def test_gradients_reach_every_parameter(name: str) -> None:
+def test_gradients_reach_every_parameter_the_phase_uses(name: str, phase: int) -> None:
     model = make(name)
-    _loss(model, phase=1).backward()
+    _loss(model, phase=phase).backward()
     missing = [n for n, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum() > 0]
-    assert missing == []
+    assert missing == model.unused_parameters(phase)
 
 
-def test_phase2_gives_the_bank_no_gradient_even_when_it_requires_grad() -> None:
+def test_phase2_gives_the_bank_and_context_encoder_no_gradient_even_when_they_require_grad() -> None:
     model = make("datswinlstm_memory")
     assert all(p.requires_grad for p in model.memory_parameters())
     _loss(model, phase=2).backward()
     assert model.memory.bank.grad is None
     others = [n for n, p in model.named_parameters() if p.grad is None]
-    assert others == model.phase2_unused_parameters() == ["memory.bank"]
+    assert others == model.phase2_unused_parameters()
+    assert others[-1] == "memory.bank" and all(n.startswith("context_encoder.") for n in others[:-1])
+    assert len(others) == 1 + len(list(model.context_encoder.parameters()))
+
+
+def test_phase1_leaves_the_matching_encoder_without_gradient() -> None:
+    model = make("datswinlstm_memory")
+    _loss(model, phase=1).backward()
+    assert all(p.grad is None for p in model.matching_encoder.parameters())
+    assert model.memory.bank.grad is not None
+
+
+def test_a_shared_encoder_serves_both_phases() -> None:
+    model = make("datswinlstm_memory", memory={"slots": 8, "dim": 16, "encoders": "shared"})
+    assert model.matching_encoder is None and model.encoder(1) is model.encoder(2)
+    assert model.unused_parameters(1) == [] and model.unused_parameters(2) == ["memory.bank"]
 
 
 def _adamw_step(model: torch.nn.Module, phase: int) -> torch.Tensor:
@@ -178,11 +194,11 @@ def test_two_phase_recipe_trains_the_bank_only_in_phase1() -> None:
             assert torch.equal(model.memory.bank, before) == (phase == 2)
 
 
-def test_set_memory_trainable_toggles_only_the_bank() -> None:
+def test_set_memory_trainable_toggles_only_the_phase1_parameters() -> None:
     model = make("datswinlstm_memory")
     model.set_memory_trainable(False)
     frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
-    assert frozen == ["memory.bank"]
+    assert sorted(frozen) == sorted(model.unused_parameters(2))  # the bank and the context encoder
     model.set_memory_trainable(True)
     assert all(p.requires_grad for p in model.parameters())
 
@@ -267,10 +283,13 @@ def test_up_path_runs_one_level_below_the_down_path() -> None:
     assert [cell.mix.out_features for cell in backbone.down] == [D * 2**i for i in range(S)]
     assert [cell.mix.out_features for cell in backbone.up] == [D * 2 ** (S - j) for j in range(S)]
     assert len(backbone.merge) == len(backbone.expand) == S
-    # the memory query lands on the bottom grid, where it is fused into the bottom up cell's state
-    query = model.query(clip(1, 3, 64, 96))
-    assert query.shape[1:3] == (64 // (cfg.patch_size * 2**S), 96 // (cfg.patch_size * 2**S))
-    assert backbone.deep_fusion.proj.out_features == D * 2**S
+    # the memory query lands on the bottom grid; the reference fusion brings it to the deepest down cell
+    for phase in (1, 2):
+        query = model.encoder(phase)(clip(1, 3, 64, 96))
+        assert query.shape[1:3] == (64 // (cfg.patch_size * 2**S), 96 // (cfg.patch_size * 2**S))
+    assert backbone.fusion_site == "down" and backbone.deep_fusion.fuse.out_features == D * 2 ** (S - 1)
+    gated = models.build(tiny("datswinlstm_memory", memory={"slots": 8, "dim": 16, "fusion": "gated"}))
+    assert gated.backbone.fusion_site == "up" and gated.backbone.deep_fusion.proj.out_features == D * 2**S
 
 
 @pytest.mark.parametrize("attention", ["swin", "dat"])
@@ -318,7 +337,7 @@ def test_torch_compile_fullgraph_matches_eager(name: str) -> None:
     y = compiled(x, 2, memory_x=long, phase=1)  # phase 1: the path with the most to trace
     torch.testing.assert_close(y, model(x, 2, memory_x=long, phase=1), atol=1e-4, rtol=1e-4)
     y.pow(2).mean().backward()
-    assert all(p.grad is not None for p in model.parameters())
+    assert [n for n, p in model.named_parameters() if p.grad is None] == model.unused_parameters(1)
 
 
 @pytest.fixture
@@ -407,10 +426,46 @@ def test_spatial_multiple_formula() -> None:
 
 
 # ------------------------------------------------------------------- summary
-def test_summary_prints_and_writes_a_row_per_model(repo_root, tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+def test_summary_prints_and_writes_a_row_per_model(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
     out = tmp_path / "PARAMS.md"
-    assert summary_main(["--params", str(repo_root / "params.yaml"), "--markdown", str(out)]) == 0
+    assert summary_main(["--markdown", str(out)]) == 0
     printed = capsys.readouterr().out
     for name in NAMES:
         assert f"| {name} | " in printed
     assert printed in out.read_text()
+
+
+def test_summary_counts_a_preset(repo_root, capsys) -> None:  # type: ignore[no-untyped-def]
+    assert summary_main(["--preset", str(repo_root / "presets" / "reference_sevir.yaml")]) == 0
+    printed = capsys.readouterr().out
+    assert "embed_dim 128, patch_size 4" in printed and "memory 100 x 512" in printed
+    row = next(line for line in printed.splitlines() if line.startswith("| datswinlstm_memory |"))
+    assert int(row.split("|")[2].replace(",", "")) > 10_000_000
+
+
+def test_summary_refuses_a_bad_preset_in_one_line(tmp_path, capsys) -> None:  # type: ignore[no-untyped-def]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  memory:\n    read: dot\n")
+    assert summary_main(["--preset", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "model.memory.read" in err
+
+
+def test_pipeline_summary_reads_params(repo_root, capsys) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.summary import main as pipeline_summary
+
+    pipeline_summary(["--params", str(repo_root / "params.yaml")])
+    assert "| datswinlstm_memory | " in capsys.readouterr().out
+
+
+def test_models_import_nothing_from_pipeline(repo_root) -> None:  # type: ignore[no-untyped-def]
+    import ast
+
+    offenders = []
+    for path in sorted((repo_root / "models").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            offenders += [f"{path.name}: {n}" for n in names if n == "pipeline" or n.startswith("pipeline.")]
+    assert offenders == []

@@ -11,8 +11,8 @@ import pandas as pd
 import pytest
 
 from pipeline import sevir
-from pipeline.sevir import _fields, synthetic
 from pipeline.config import SplitConfig, SyntheticSource
+from pipeline.sevir import _fields, synthetic
 
 SMALL = SyntheticSource(n_events=12, size=64)  # 49 frames, like SEVIR
 TINY = SyntheticSource(n_events=12, size=16, frames=2, events_per_file=2)  # layout checks only

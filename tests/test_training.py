@@ -80,7 +80,8 @@ def _same_weights(a: dict, b: dict) -> bool:
 
 # ----------------------------------------------------------------------------------- learning
 def test_loss_goes_down_on_the_sample(sample, tmp_path):
-    cfg = _cfg(sample, tmp_path, phase1={"epochs": 4, "max_steps_per_epoch": 8, "lr": 3e-3, "schedule": "constant"})
+    cfg = _cfg(sample, tmp_path, phase1={"epochs": 4, "max_steps_per_epoch": 8, "lr": 3e-3, "schedule": "constant",
+                                         "best_key": "val.loss"})  # fmt: skip
     result = fit(cfg, 1, tmp_path / "phase1", progress=False)
     val = [row["val.loss"] for row in result.history]
     train = [row["train.loss"] for row in result.history]
@@ -193,7 +194,8 @@ def test_checkpoints_hold_the_contract_keys_and_load_with_weights_only(sample, t
     assert state["format"] == 1 and state["phase"] == 1 and state["epoch"] == 1 and state["step"] == 2
     assert state["data"] == {"in_len": 4, "out_len": 4, "height": 64, "width": 64}
     assert state["model_config"] == cfg.model.model_dump(mode="json")
-    assert state["best_key"] == "val.loss" and isinstance(state["best_score"], float)
+    assert state["best_key"] == "val.csi_m" and state["best_epoch"] == 1
+    assert {"val.loss", "val.mse", "val.csi_m", "val.csi_pool4_m", "val.csi.16", "val.ssim"} <= set(state["history"][0])
     assert not any(k.startswith(("module.", "_orig_mod.")) for k in state["model"])
     assert {"optimizer", "scheduler", "scaler", "rng"} <= set(state)
     assert sorted(p.name for p in (tmp_path / "phase1").iterdir()) == ["best.pt", "last.pt", "model_config.json"]
@@ -221,6 +223,8 @@ def test_non_finite_loss_stops_with_epoch_and_step_keeps_the_checkpoint_and_fail
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: train.phase1: non-finite loss") and "epoch 1 step " in err
     assert last.read_bytes() == before
+    with pytest.raises(NonFiniteLossError, match="epoch 1 step"):  # what fit() raises for its callers
+        fit(config.load(bad), 1, tmp_path / "lib", progress=False)
     client = MlflowClient()
     runs = client.search_runs([client.get_experiment_by_name("sevir-nowcasting").experiment_id],
                               filter_string="attributes.run_name = 'train_phase1'", order_by=["attributes.start_time DESC"])  # fmt: skip
@@ -245,7 +249,7 @@ def test_epoch_callback_exception_propagates_after_the_checkpoint(sample, tmp_pa
 
 def test_early_stopping_stops_after_patience_epochs_without_improvement(sample, tmp_path):
     # best_mode max on a loss that falls: no epoch after the first improves it
-    cfg = _cfg(sample, tmp_path, phase1={"epochs": 6, "max_steps_per_epoch": 3, "lr": 3e-3, "best_mode": "max",
+    cfg = _cfg(sample, tmp_path, phase1={"epochs": 6, "max_steps_per_epoch": 3, "lr": 3e-3, "best_key": "val.loss", "best_mode": "max",
                                          "early_stop_patience": 2})  # fmt: skip
     result = fit(cfg, 1, tmp_path / "phase1", progress=False)
     assert result.stopped_early and len(result.history) == 3 and result.best_epoch == 1
@@ -253,9 +257,9 @@ def test_early_stopping_stops_after_patience_epochs_without_improvement(sample, 
 
 # ------------------------------------------------------------------------------- scaling
 def test_auto_batch_size_finds_the_largest_real_step_under_a_memory_limit(sample, tmp_path):
+    from pipeline.sevir.dataset import WindowDataset
     from pipeline.training.batch_size import find_batch_size
     from pipeline.training.loop import Trainer
-    from pipeline.sevir.dataset import WindowDataset
 
     cfg = _cfg(sample, tmp_path)
     trainer = Trainer(cfg, 1, tmp_path / "phase1", progress=False)
@@ -326,7 +330,7 @@ def test_mlflow_holds_both_phase_runs_with_per_epoch_metrics_under_one_parent(sa
         assert {f"phase{phase}/best.pt", f"phase{phase}/model_config.json"} <= artifacts
     assert len(client.get_metric_history(runs[1].info.run_id, "train.loss_align")) == 2
     summary = json.loads((reports / "train_phase1.json").read_text())
-    assert summary["epochs"] == 2 and summary["best_key"] == "val.loss"
+    assert summary["epochs"] == 2 and summary["best_key"] == "val.csi_m"
     curve = (reports / "train_phase2_curve.csv").read_text().splitlines()
     assert curve[0].startswith("epoch,train_loss") and len(curve) == 3
     assert (reports / "train_phase1_loss.png").read_bytes()[:4] == b"\x89PNG"

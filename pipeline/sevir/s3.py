@@ -14,9 +14,10 @@
   when the part size can be found). The digest is computed from the bytes as they
   stream in, so a finished file is not read again (a resumed one: only the part
   kept from before).
-* **Concurrent.** ``data.s3.concurrency`` files download at once, each in its own stream, with
-  all of the above per file; the first error stops the others between reads (their partial
-  files are kept for the next run).
+* **Concurrent.** ``data.s3.concurrency`` files download at once, each with all of the above;
+  when there are fewer files than that, each file is fetched as 8 MiB ranged parts by several
+  streams, appended in order (the partial file stays a prefix of the object). The first error
+  stops the other downloads between reads; their partial files are kept for the next run.
 * **Retried.** Transient failures (5xx, 429, connection errors, timeouts, cut
   streams) are retried with exponential backoff, resuming from the bytes kept.
   Anything a user must fix (404, 403, a bad catalog) is one :class:`DataError` line.
@@ -33,6 +34,7 @@ Layout under ``root``::
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import logging
@@ -43,7 +45,7 @@ import shutil
 import threading
 import time
 from collections.abc import Sequence
-from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,14 +74,15 @@ from pipeline.sevir import (
     atomic_file,
     read_catalog,
     safe_join,
+    selection,
 )
-from pipeline.sevir import selection
 from pipeline.sevir.verify import verify_vil_files
 
 log = logging.getLogger("pipeline.fetch")
 
 MiB = 1 << 20
 CHUNK_BYTES = MiB  # bytes per network read; a kill loses at most this much of a partial file
+RANGE_PART_BYTES = 8 * MiB  # one ranged GET when a file is fetched by several streams (TransferManager's size)
 COMMON_PART_SIZE = 8 * MiB  # multipart chunk of the AWS CLI and boto3 upload defaults
 MAX_BACKOFF_S = 60.0
 STATE_DIR = ".fetch"
@@ -228,6 +231,10 @@ class _Stopped(Exception):
     """Another download failed: this one stops at its next read, keeping its partial file."""
 
 
+class _NoRanges(Exception):
+    """The server answered a Range request with the whole object."""
+
+
 class _ShortResponse(Exception):
     """A response ended cleanly but before the end of the object (retried like a cut stream)."""
 
@@ -246,6 +253,7 @@ class _Fetcher:
         self.bytes_downloaded = 0
         self._lock = threading.Lock()  # bytes_downloaded and the manifest, shared by download threads
         self._stop = threading.Event()  # set on the first failure: the other downloads stop between reads
+        self.streams_per_file = 1  # ranged GETs in flight per file (download_all sets it)
 
     def download_all(self, items: Sequence[tuple[RemoteObject, Path]], concurrency: int) -> int:
         """Download every ``(object, target)``, ``concurrency`` at a time; return how many were downloaded.
@@ -254,6 +262,8 @@ class _Fetcher:
         files stay, to be resumed by the next run, and that first error is raised.
         """
         n = len(items)
+        # Connections left over when there are fewer files than data.s3.concurrency fetch ranged parts.
+        self.streams_per_file = max(1, concurrency // max(1, min(concurrency, n)))
         if concurrency <= 1 or n <= 1:
             fetched = 0
             for i, (obj, target) in enumerate(items, 1):
@@ -380,6 +390,12 @@ class _Fetcher:
         after an attempt that made progress, so a long download over a flaky link is not
         abandoned while it advances.
         """
+        if self.streams_per_file > 1 and obj.size - part.stat().st_size > RANGE_PART_BYTES:
+            try:
+                self._transfer_ranged(obj, part, bar, digest, self.streams_per_file)
+                return
+            except _NoRanges:
+                log.warning("%s: server ignored a Range request; going on with one stream", obj.uri)
         failures = 0
         while (have := part.stat().st_size) < obj.size:
             try:
@@ -390,6 +406,90 @@ class _Fetcher:
                 failures = 1 if now > have else failures + 1
                 kept = f" (the {_size(now)} already downloaded are kept and resumed)" if now else ""
                 self.policy.wait_or_give_up(obj.uri, err, failures, kept)
+
+    def _transfer_ranged(self, obj: RemoteObject, part: Path, bar: tqdm, digest: StreamDigest, streams: int) -> None:
+        """Complete ``part`` with ``streams`` ranged GETs in flight, appending the parts in order.
+
+        Parts of :data:`RANGE_PART_BYTES` are fetched into memory by a small pool (each part
+        retried on its own, resuming within the part) and appended to ``part`` strictly in
+        order, so ``part`` stays a prefix of the object: a kill loses at most the parts in
+        memory (``streams`` x 8 MiB), resume, streaming digest and verification work as with
+        one stream. Raises :class:`_NoRanges` if the server ignores Range (nothing appended).
+        """
+        have = part.stat().st_size
+        starts = iter(range(have, obj.size, RANGE_PART_BYTES))
+        halt = threading.Event()
+        pool = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="fetch-range")
+        queue: collections.deque[tuple[int, Future]] = collections.deque()
+
+        def submit() -> None:
+            start = next(starts, None)
+            if start is not None:
+                end = min(start + RANGE_PART_BYTES, obj.size)
+                queue.append((start, pool.submit(self._get_part, obj, start, end, halt)))
+
+        try:
+            for _ in range(streams + 1):  # one part ahead of the streams, so none idles while a part is written
+                submit()
+            with part.open("ab", buffering=0) as out:
+                while queue:
+                    start, future = queue.popleft()
+                    data = future.result()
+                    assert out.tell() == start, (out.tell(), start)
+                    _write(out, data, part)
+                    digest.update(data)
+                    with self._lock:
+                        self.bytes_downloaded += len(data)
+                    bar.update(len(data))
+                    submit()
+        finally:
+            halt.set()
+            for _, future in queue:
+                future.cancel()
+            pool.shutdown(wait=True)
+
+    def _get_part(self, obj: RemoteObject, start: int, end: int, halt: threading.Event) -> bytearray:
+        """Bytes ``start:end`` of this exact object version, retrying transient errors."""
+        data = bytearray()
+        failures = 0
+        while start + len(data) < end:
+            have = len(data)
+            try:
+                self._read_range(obj, start + len(data), end, data, halt)
+            except Exception as err:  # noqa: BLE001 - classified just below
+                _raise_unless_transient(err, obj.uri, _DATA_HINT)
+                failures = 1 if len(data) > have else failures + 1
+                self.policy.wait_or_give_up(obj.uri, err, failures)
+        return data
+
+    def _read_range(self, obj: RemoteObject, start: int, end: int, into: bytearray, halt: threading.Event) -> None:
+        """One GET of bytes ``start:end``, appended to ``into``."""
+        request: dict[str, Any] = {"Bucket": obj.bucket, "Key": obj.key, "Range": f"bytes={start}-{end - 1}"}
+        if obj.etag:
+            request["IfMatch"] = f'"{obj.etag}"'
+        try:
+            response = self.client.get_object(**request)
+        except ClientError as err:
+            if _status(err) == 412:
+                raise _changed(obj) from None
+            raise
+        with closing(response["Body"]) as body:
+            if obj.etag and str(response.get("ETag", "")).strip('"') not in ("", obj.etag):
+                raise _changed(obj)
+            if not response.get("ContentRange"):
+                raise _NoRanges()
+            if _range_start(response["ContentRange"]) != start:
+                raise DataError(f"{obj.uri}: asked for bytes from {start}, got {response['ContentRange']}; {_DATA_HINT}")
+            before = len(into)
+            for chunk in body.iter_chunks(CHUNK_BYTES):
+                if halt.is_set() or self._stop.is_set():
+                    raise _Stopped()
+                into += chunk
+        got = len(into) - before
+        if got > end - start:
+            raise DataError(f"{obj.uri}: asked for {end - start} bytes from {start}, got {got}; {_DATA_HINT}")
+        if got < end - start:
+            raise _ShortResponse(f"response ended at byte {start + got} of {end}")
 
     def _append_range(self, obj: RemoteObject, part: Path, offset: int, bar: tqdm, digest: StreamDigest) -> None:
         """One GET of bytes ``offset..`` of this exact object version, appended to ``part``."""

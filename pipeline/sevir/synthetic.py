@@ -71,9 +71,9 @@ import pandas as pd
 from pydantic import ValidationError
 
 from pipeline import sevir
-from pipeline.sevir import _fields
 from pipeline.cli import setup_logging
 from pipeline.config import SyntheticSource
+from pipeline.sevir import _fields
 
 log = logging.getLogger("pipeline.sevir.synthetic")
 

@@ -68,17 +68,6 @@ def config_hash(cfg: Any, phase: int, init: dict[str, Any] | None = None) -> str
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model under DDP (``.module``) and torch.compile (``._orig_mod``) wrappers."""
-    while True:
-        if hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        elif isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        else:
-            return model
-
-
 def rng_state() -> dict[str, Any]:
     """Every RNG the training touches, as tensors and plain lists (weights_only-loadable)."""
     np_state = np.random.get_state()

@@ -40,6 +40,7 @@ from tqdm import tqdm
 
 import models
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.scoring import ScoreAccumulator
 from pipeline.training import distributed
 from pipeline.training.batch_size import find_batch_size
 from pipeline.training.checkpoint import (
@@ -445,9 +446,12 @@ class Trainer:
                 raise ConfigError(f"train.phase{self.phase}.best_key = {key!r} is not a logged metric; choose one of "
                                   f"{', '.join(sorted(k for k in metrics if k.startswith(('val.', 'train.'))))}")  # fmt: skip
             score = metrics[key]
-            improved = math.isfinite(score) and _better(score, self.best_score, pcfg.mode())
+            # the first epoch always writes best.pt (phase 2 and evaluation need one), even when its
+            # score is undefined (NaN: e.g. CSI-M of a model that forecasts no rain yet)
+            improved = (math.isfinite(score) and _better(score, self.best_score, pcfg.mode())) or self.best_epoch is None
             if improved:
-                self.best_score, self.best_epoch, self.bad_epochs = float(score), self.epoch + 1, 0
+                self.best_score = float(score) if math.isfinite(score) else None
+                self.best_epoch, self.bad_epochs = self.epoch + 1, 0
             else:
                 self.bad_epochs += 1
             self.epoch += 1
@@ -579,6 +583,9 @@ class Trainer:
         model.eval()
         sums = torch.zeros(3, device=self.device, dtype=torch.float64)
         n_batches, n_pixels = 0, 0
+        ev = self.cfg.evaluate  # the same thresholds and pooling as stage evaluate; no FSS (cost)
+        scores = ScoreAccumulator(thresholds=ev.thresholds, pool_sizes=ev.pool_sizes, out_len=self.out_len,
+                                  ssim=ev.ssim, fss_scales=(), device=self.device)  # fmt: skip
         limit = self.cfg.train.val_max_batches
         try:
             for batch in tqdm(self.val_loader, desc="validate", unit="batch", leave=False,
@@ -588,6 +595,7 @@ class Trainer:
                 batch = to_device(batch, self.device)
                 loss, _, pred = self._forward_loss(model, batch, 2)
                 err = pred.float() - batch["targets"]
+                scores.update(pred.float(), batch["targets"])
                 sums += torch.stack([loss.double() * err.numel(), err.square().sum().double(), err.abs().sum().double()])
                 n_batches += 1
                 n_pixels += err.numel()
@@ -597,7 +605,15 @@ class Trainer:
         if n_batches == 0:
             return {}
         total = sums.tolist()
-        return {"val.loss": total[0] / n_pixels, "val.mse": total[1] / n_pixels, "val.mae": total[2] / n_pixels}
+        out = {"val.loss": total[0] / n_pixels, "val.mse": total[1] / n_pixels, "val.mae": total[2] / n_pixels}
+        result = scores.compute()
+        nan = float("nan")  # an undefined score (0/0, e.g. no event at any threshold): NaN in the curves
+        for key, value in result.items():
+            if key.endswith("_m") or key == "ssim":
+                out[f"val.{key}"] = nan if value is None else float(value)
+        for thr, value in result["csi"].items():
+            out[f"val.csi.{thr}"] = nan if value is None else float(value)
+        return out
 
     # ------------------------------------------------------------------------------ batch size
     def _auto_batch_size(self, train_ds) -> int:

@@ -1,0 +1,90 @@
+"""Stage evaluate: the phase-2 model and the baselines, scored on the test (or val) windows.
+
+    python -m pipeline.evaluate [--params params.yaml] [--split val|test] [--checkpoint PATH]
+
+Reads ``<train.checkpoint_dir>/phase2/best.pt`` and ``<windows.root>/<split>.h5``; writes
+``<evaluate.reports_dir>/``: metrics.json (DVC metrics), per_lead/*.csv (DVC plots),
+plots/*.png (per-lead curves, forecast gallery) and summary.md; logs everything to a nested
+MLflow ``evaluate`` run and the headline numbers to the pipeline's parent run.
+See :mod:`pipeline.scoring` for the scores and :mod:`pipeline.scoring.reports` for the files.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+
+from pipeline import config as config_mod
+from pipeline.cli import run_stage, setup_logging, stage_parser
+from pipeline.errors import PipelineError
+from pipeline.scoring import evaluation, reports
+from pipeline.scoring.checkpoints import read_checkpoint
+from pipeline.scoring.forecasters import get_method, model_from_checkpoint
+from pipeline.scoring.mlflow_log import log_evaluation
+from pipeline.tracking import stage_run
+
+log = logging.getLogger("pipeline.evaluate")
+
+
+def resolve_device(device: str, precision: str) -> tuple[torch.device, str]:
+    """``train.device`` / ``train.precision`` -> a torch device and fp32 | bf16 | fp16 for inference."""
+    if device == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("train.device = cuda but no CUDA device is visible; set train.device: auto or cpu")
+    dev = torch.device("cuda" if device in {"auto", "cuda"} and torch.cuda.is_available() else "cpu")
+    if precision == "auto":
+        precision = "bf16" if dev.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return dev, precision
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = stage_parser(__doc__.splitlines()[0])
+    parser.add_argument("--split", choices=["val", "test"], default=None, help="windows scored (default: evaluate.split)")
+    parser.add_argument("--checkpoint", type=Path, default=None,
+                        help="checkpoint (default: <train.checkpoint_dir>/phase2/best.pt)")  # fmt: skip
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    cfg = config_mod.load(args.params)
+    split = args.split or cfg.evaluate.split
+    ckpt_path = args.checkpoint or cfg.train.checkpoint_dir / "phase2" / "best.pt"
+    if not ckpt_path.is_file():
+        raise PipelineError(f"{ckpt_path}: no phase-2 checkpoint; run train_phase2 first (dvc repro train_phase2)")
+
+    ckpt = read_checkpoint(ckpt_path)
+    dataset = evaluation.open_windows(cfg.windows.root / f"{split}.h5", ckpt["data"])
+    device, precision = resolve_device(cfg.train.device, cfg.train.precision)
+    forecasters = {"model": model_from_checkpoint(ckpt_path, cfg.model, device=device, precision=precision)}
+    forecasters.update({name: get_method(name) for name in cfg.evaluate.baselines})
+    log.info("evaluate: %s split, %d windows, checkpoint %s (phase %s, epoch %s), %s, on %s %s",
+             split, len(dataset), ckpt_path, ckpt.get("phase"), ckpt.get("epoch"), ", ".join(forecasters),
+             device, precision)  # fmt: skip
+
+    with stage_run(cfg, "evaluate", ("evaluate",)) as mlflow:
+        mlflow.log_params({"evaluate.split_scored": split, "evaluate.checkpoint": str(ckpt_path)})
+        result = evaluation.evaluate(dataset, forecasters, cfg.evaluate, device=device,
+                                     num_workers=cfg.train.num_workers)  # fmt: skip
+        if result.scores["model"]["mse"] is None:
+            raise PipelineError(f"{ckpt_path}: the model forecasts NaN or inf on the {split} split; retrain (dvc repro train_phase2)")
+        out = cfg.evaluate.reports_dir
+        doc = reports.metrics_document(result.scores, result.windows)
+        tables = reports.per_lead_tables(result.scores)
+        shutil.rmtree(out / "per_lead", ignore_errors=True)  # no CSV of a forecaster dropped since the last run
+        csvs = reports.write_per_lead_csvs(out / "per_lead", tables)
+        title = f"{split}, {result.windows} windows"
+        pngs = reports.plot_per_lead(out / "plots", tables, list(forecasters), title=title)
+        examples = evaluation.forecast_examples(dataset, forecasters, result.examples, device=device)
+        names = [f"{dataset.info(i)['event_id']} +{dataset.info(i)['start']}" for i in result.examples]
+        gallery = reports.plot_gallery(out / "plots" / "gallery.png", examples, cfg.evaluate.example_leads, names)
+        summary = out / "summary.md"
+        reports.write_atomic(summary, reports.summary_markdown(doc, split))
+        metrics_path = out / "metrics.json"
+        reports.write_metrics(metrics_path, doc)  # last: DVC's metrics appear only when everything else is there
+        log_evaluation(mlflow, doc, tables, split, files=[metrics_path, summary, *csvs, *pngs, *([gallery] if gallery else [])],
+                       reports_dir=out)  # fmt: skip
+    print(reports.summary_markdown(doc, split))
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_stage(main))

@@ -1,0 +1,124 @@
+"""Forecasters behind one interface, as in pysteps ``get_method``.
+
+A forecaster is any callable ``forecaster(inputs, out_len) -> forecast`` mapping inputs
+``(B, T_in, 1, H, W)`` to ``(B, out_len, 1, H, W)`` on the same device. Inputs are uint8 0-255
+(the stored windows) or float on the 0-1 scale; a float forecast is on the 0-1 scale, a uint8
+forecast on 0-255 (:class:`pipeline.scoring.ScoreAccumulator` scores both the same way).
+
+- ``persistence``: the last input frame, repeated; keeps the input dtype, so stored uint8 frames
+  stay exact integers.
+- ``optical_flow``: pysteps' dense Lucas-Kanade motion field (OpenCV feature tracking) from the
+  last ``n_frames`` inputs, then pysteps' semi-Lagrangian extrapolation of the last frame.
+  Rain advected in from outside the frame is unknown (NaN in pysteps) and set to 0.
+- ``model``: a trained network from a checkpoint (:func:`model_from_checkpoint`), run in phase 2
+  (inference) under ``torch.inference_mode``, with bf16/fp16 autocast on CUDA when asked.
+
+``get_method(name, **kwargs)`` builds a baseline by name; ``BASELINES`` lists them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+Forecaster = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+class Persistence:
+    """The last input frame, repeated ``out_len`` times (a view: no copy)."""
+
+    name = "persistence"
+
+    def __call__(self, inputs: torch.Tensor, out_len: int) -> torch.Tensor:
+        return inputs[:, -1:].expand(-1, out_len, -1, -1, -1)  # (B, out_len, 1, H, W), input dtype
+
+
+def _pysteps():
+    """pysteps' motion and extrapolation modules (imported quietly: pysteps prints its config path)."""
+    with contextlib.redirect_stdout(io.StringIO()):
+        from pysteps import extrapolation, motion
+    return motion, extrapolation
+
+
+class OpticalFlow:
+    """Lucas-Kanade motion from the last ``n_frames`` inputs + semi-Lagrangian extrapolation (pysteps).
+
+    Runs on the CPU in numpy, one window at a time, on the 0-255 scale; returns float32 on the 0-1
+    scale on the inputs' device.
+    """
+
+    name = "optical_flow"
+
+    def __init__(self, n_frames: int = 3, method: str = "lucaskanade"):
+        if n_frames < 2:
+            raise ValueError("optical flow needs at least 2 input frames")
+        self.n_frames = n_frames
+        motion, extrapolation = _pysteps()
+        self._motion = motion.get_method(method)
+        self._extrapolate = extrapolation.get_method("semilagrangian")
+
+    def __call__(self, inputs: torch.Tensor, out_len: int) -> torch.Tensor:
+        b, t_in, _, h, w = inputs.shape
+        if t_in < self.n_frames:
+            raise ValueError(f"optical flow uses the last {self.n_frames} input frames; got {t_in}")
+        frames = inputs[:, -self.n_frames :, 0].detach().to("cpu")
+        vil = frames.numpy().astype(np.float64) if frames.dtype == torch.uint8 else frames.double().numpy() * 255.0
+        out = np.empty((b, out_len, h, w), dtype=np.float32)
+        for i in range(b):
+            velocity = self._motion(vil[i], verbose=False)  # (2, H, W) pixels per frame
+            forecast = self._extrapolate(vil[i, -1], velocity, out_len)  # (out_len, H, W), NaN = from outside
+            out[i] = np.nan_to_num(forecast, nan=0.0) / 255.0
+        return torch.from_numpy(out).unsqueeze(2).to(inputs.device)  # (B, out_len, 1, H, W) 0-1
+
+
+class ModelForecaster:
+    """A network as a forecaster: uint8 or 0-1 inputs -> float 0-1 forecast, phase 2, no gradients."""
+
+    name = "model"
+
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", precision: str = "fp32"):
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    def __call__(self, inputs: torch.Tensor, out_len: int) -> torch.Tensor:
+        x = inputs.to(self.device, non_blocking=True)
+        x = x.to(torch.float32).div_(255.0) if x.dtype == torch.uint8 else x.to(torch.float32)
+        autocast = (
+            torch.autocast(self.device.type, dtype=self.autocast_dtype)
+            if self.autocast_dtype is not None and self.device.type == "cuda"
+            else contextlib.nullcontext()
+        )
+        with torch.inference_mode(), autocast:
+            out = self.model(x, out_len, phase=2)
+        return out.float()
+
+
+BASELINES: dict[str, Callable[..., Forecaster]] = {"persistence": Persistence, "optical_flow": OpticalFlow}
+
+
+def get_method(name: str, **kwargs: Any) -> Forecaster:
+    """A baseline forecaster by name (``persistence``, ``optical_flow``), like pysteps ``get_method``."""
+    try:
+        return BASELINES[name](**kwargs)
+    except KeyError:
+        raise ValueError(f"unknown forecaster {name!r}; known: {', '.join(BASELINES)}") from None
+
+
+def model_from_checkpoint(path: Path, model_cfg: Any = None, device: torch.device | str = "cpu",
+                          precision: str = "fp32") -> ModelForecaster:  # fmt: skip
+    """The network of a training checkpoint (``weights_only=True``) as a forecaster.
+
+    ``model_cfg`` (a ``ModelConfig``), when given, must equal the checkpoint's: a difference raises
+    :class:`pipeline.errors.ConfigError` naming the differing ``model.*`` keys.
+    """
+    from pipeline.scoring.checkpoints import load_model
+
+    return ModelForecaster(load_model(Path(path), model_cfg, device=device), device=device, precision=precision)

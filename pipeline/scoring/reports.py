@@ -1,0 +1,310 @@
+"""What evaluation writes: metrics.json (DVC metrics), per-lead CSVs (DVC plots), PNGs, a summary.
+
+Layout under the reports directory::
+
+    metrics.json              {"model": {...}, "persistence": {...}, "optical_flow": {...},
+                               "windows": N, "model_vs_baselines": {"persistence": {...}, ...}}
+    per_lead/csi_m.csv        lead_min, model, persistence, optical_flow   (one row per lead time)
+    per_lead/mse.csv          the same for MSE (0-1 scale)
+    per_lead/csi_<T>.csv      the same for CSI at threshold T, one file per threshold
+    plots/lead_csi.png        CSI per threshold against lead time, every forecaster
+    plots/lead_csi_m.png      CSI-M against lead time
+    plots/lead_mse.png        MSE (x 10^-3) against lead time
+    plots/gallery.png         heavy-rain test windows: inputs, truth, every forecaster
+    summary.md                the headline table for people
+
+Undefined scores are ``null`` in JSON and empty cells in CSV, everywhere. Every file is written
+to a temporary name and renamed, so a killed stage leaves no half-written report.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+FRAME_MINUTES = 5  # SEVIR frames are 5 minutes apart
+GAP_KEYS = ("csi_m", "hss_m", "csi_pool4_m", "csi_pool16_m", "mse", "mae", "ssim")
+
+# The SEVIR VIL colour map (MIT-AI-Accelerator/neurips-2020-sevir display code): bins on the 0-255 scale.
+VIL_COLORS = [
+    (0.30196078431372547, 0.30196078431372547, 0.30196078431372547),
+    (0.1568627450980392, 0.7450980392156863, 0.1568627450980392),
+    (0.09803921568627451, 0.5882352941176471, 0.09803921568627451),
+    (0.0392156862745098, 0.4117647058823529, 0.0392156862745098),
+    (0.0392156862745098, 0.29411764705882354, 0.0392156862745098),
+    (0.9607843137254902, 0.9607843137254902, 0.0),
+    (0.9294117647058824, 0.6745098039215687, 0.0),
+    (0.9411764705882353, 0.43137254901960786, 0.0),
+    (0.6274509803921569, 0.0, 0.0),
+    (0.9058823529411765, 0.0, 1.0),
+]
+VIL_LEVELS = [0, 16, 31, 59, 74, 100, 133, 160, 181, 219, 255]
+FORECASTER_COLORS = {"model": "#d62728", "persistence": "#7f7f7f", "optical_flow": "#1f77b4"}
+FORECASTER_LABELS = {"model": "model", "persistence": "persistence", "optical_flow": "optical flow (LK)"}
+
+
+# ----------------------------------------------------------------- atomic writes
+def write_atomic(path: Path, data: bytes | str) -> None:
+    """Write ``data`` to ``path`` through a temporary file in the same directory, then rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data.encode() if isinstance(data, str) else data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------- metrics.json
+def metrics_block(scores: dict[str, Any]) -> dict[str, Any]:
+    """A forecaster's metrics.json block: the aggregate scores, without the per-lead arrays."""
+    return {key: value for key, value in scores.items() if key != "per_lead"}
+
+
+def model_gaps(model: dict[str, Any], baseline: dict[str, Any]) -> dict[str, float | None]:
+    """How far the model is above (+) or below (-) a baseline: differences, and the CSI-M ratio."""
+    gaps: dict[str, float | None] = {}
+    for key in GAP_KEYS:
+        if key in model and key in baseline:
+            a, b = model[key], baseline[key]
+            gaps[f"{key}_diff"] = None if a is None or b is None else a - b
+    a, b = model.get("csi_m"), baseline.get("csi_m")
+    gaps["csi_m_ratio"] = None if a is None or not b else a / b
+    return gaps
+
+
+def metrics_document(scores: dict[str, dict[str, Any]], windows: int) -> dict[str, Any]:
+    """The whole metrics.json: a block per forecaster, ``windows``, and the model's gaps to each baseline."""
+    doc: dict[str, Any] = {name: metrics_block(s) for name, s in scores.items()}
+    doc["windows"] = windows
+    if "model" in scores:
+        doc["model_vs_baselines"] = {
+            name: model_gaps(scores["model"], s) for name, s in scores.items() if name != "model"
+        }
+    return doc
+
+
+def write_metrics(path: Path, doc: dict[str, Any]) -> None:
+    """metrics.json with ``null`` for undefined scores (NaN would be invalid JSON for DVC)."""
+    write_atomic(path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
+
+
+# ------------------------------------------------------------------ per-lead CSV
+def lead_minutes(out_len: int) -> list[int]:
+    return [FRAME_MINUTES * (i + 1) for i in range(out_len)]
+
+
+def per_lead_tables(scores: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """``{"csi_m": rows, "mse": rows, "csi_16": rows, ...}``; a row is ``{"lead_min", <forecaster>: value}``."""
+    names = list(scores)
+    first = scores[names[0]]["per_lead"]
+    out_len = len(first["csi_m"])
+    series: dict[str, dict[str, list[Any]]] = {"csi_m": {}, "mse": {}}
+    for name in names:
+        lead = scores[name]["per_lead"]
+        series["csi_m"][name] = lead["csi_m"]
+        series["mse"][name] = lead["mse"]
+        for thr, values in lead["csi"].items():
+            series.setdefault(f"csi_{thr}", {})[name] = values
+    minutes = lead_minutes(out_len)
+    return {
+        metric: [{"lead_min": minutes[j], **{n: by_name[n][j] for n in names}} for j in range(out_len)]
+        for metric, by_name in series.items()
+    }
+
+
+def write_per_lead_csvs(directory: Path, tables: dict[str, list[dict[str, Any]]]) -> list[Path]:
+    paths = []
+    for metric, rows in tables.items():
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
+        writer.writeheader()
+        for row in rows:
+            writer.writerow({k: "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+        path = Path(directory) / f"{metric}.csv"
+        write_atomic(path, buf.getvalue())
+        paths.append(path)
+    return paths
+
+
+# ---------------------------------------------------------------------- plots
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig: Any, path: Path) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    _pyplot().close(fig)
+    write_atomic(path, buf.getvalue())
+    return path
+
+
+def _series(rows: list[dict[str, Any]], name: str, scale: float = 1.0) -> tuple[list[int], list[float]]:
+    return [r["lead_min"] for r in rows], [np.nan if r[name] is None else r[name] * scale for r in rows]
+
+
+def _draw_lines(ax: Any, rows: list[dict[str, Any]], names: Sequence[str], scale: float = 1.0) -> None:
+    for name in names:
+        x, y = _series(rows, name, scale)
+        ax.plot(x, y, marker="o", ms=3, lw=2 if name == "model" else 1.4, color=FORECASTER_COLORS.get(name),
+                label=FORECASTER_LABELS.get(name, name))  # fmt: skip
+    ax.set_xlabel("lead time (min)")
+    ax.grid(alpha=0.3)
+    ax.set_xlim(0, rows[-1]["lead_min"] + FRAME_MINUTES)
+
+
+def plot_per_lead(directory: Path, tables: dict[str, list[dict[str, Any]]], names: Sequence[str],
+                  title: str = "") -> list[Path]:  # fmt: skip
+    """lead_csi.png (a panel per threshold), lead_csi_m.png and lead_mse.png."""
+    plt = _pyplot()
+    directory = Path(directory)
+    suffix = f" - {title}" if title else ""
+    paths = []
+
+    thresholds = [k.split("_", 1)[1] for k in tables if k.startswith("csi_") and k != "csi_m"]
+    cols = min(3, len(thresholds))
+    rows_n = -(-len(thresholds) // cols)
+    fig, axes = plt.subplots(rows_n, cols, figsize=(4.2 * cols, 3.3 * rows_n), squeeze=False, sharex=True)
+    for ax, thr in zip(axes.flat, thresholds, strict=False):
+        _draw_lines(ax, tables[f"csi_{thr}"], names)
+        ax.set_title(f"CSI, VIL >= {thr}")
+        ax.set_ylim(0, 1)
+    for ax in list(axes.flat)[len(thresholds) :]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.suptitle(f"CSI per threshold against lead time{suffix}")
+    fig.tight_layout()
+    paths.append(_save(fig, directory / "lead_csi.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _draw_lines(ax, tables["csi_m"], names)
+    ax.set_ylabel("CSI-M (mean over thresholds)")
+    ax.set_ylim(0, 1)
+    ax.set_title(f"CSI-M against lead time{suffix}")
+    ax.legend()
+    paths.append(_save(fig, directory / "lead_csi_m.png"))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    _draw_lines(ax, tables["mse"], names, scale=1e3)
+    ax.set_ylabel(r"MSE $\times 10^{-3}$ (VIL on the 0-1 scale)")
+    ax.set_ylim(bottom=0)
+    ax.set_title(f"MSE against lead time{suffix}")
+    ax.legend()
+    paths.append(_save(fig, directory / "lead_mse.png"))
+    return paths
+
+
+def vil_colormap() -> tuple[Any, Any]:
+    """The SEVIR VIL colour map and its bin norm (0-255 scale); values below 16 are drawn dark grey."""
+    from matplotlib.colors import BoundaryNorm, ListedColormap
+
+    cmap = ListedColormap(VIL_COLORS, name="sevir_vil")
+    cmap.set_bad((0.0, 0.0, 0.0))
+    cmap.set_under(VIL_COLORS[0])
+    cmap.set_over(VIL_COLORS[-1])
+    return cmap, BoundaryNorm(VIL_LEVELS, cmap.N)
+
+
+def plot_gallery(path: Path, examples: dict[str, Any], leads: Sequence[int], titles: Sequence[str] = (),
+                 n_inputs: int = 4) -> Path | None:  # fmt: skip
+    """The forecast gallery: per window, a row of the last inputs, then truth and every forecaster at ``leads``.
+
+    ``examples`` as returned by :func:`pipeline.scoring.evaluation.forecast_examples` (0-255 numpy).
+    ``leads`` are 1-based lead indices; labels are in minutes (input frames: minutes before the origin).
+    """
+    if examples["inputs"] is None:
+        return None
+    plt = _pyplot()
+    cmap, norm = vil_colormap()
+    inputs, truth, forecasts = examples["inputs"], examples["truth"], examples["forecasts"]
+    n_windows, t_in = inputs.shape[:2]
+    out_len = truth.shape[1]
+    leads = [lead for lead in leads if 1 <= lead <= out_len] or [out_len]
+    n_in = min(n_inputs, t_in)
+    rows = [("truth", truth)] + [(FORECASTER_LABELS.get(n, n), f) for n, f in forecasts.items()]
+    n_rows = n_windows * (1 + len(rows))
+    n_cols = max(n_in, len(leads))
+    fig, axes = plt.subplots(n_rows, n_cols + 1, figsize=(1.55 * (n_cols + 1), 1.6 * n_rows), squeeze=False,
+                             gridspec_kw={"width_ratios": [0.55] + [1] * n_cols})  # fmt: skip
+    image = None
+    for w in range(n_windows):
+        base = w * (1 + len(rows))
+        label = titles[w] if w < len(titles) else f"window {w}"
+        _row_label(axes[base, 0], f"{label}\ninputs")
+        for c in range(n_cols):
+            ax = axes[base, c + 1]
+            ax.axis("off")
+            if c < n_in:
+                k = t_in - n_in + c  # frame index within the inputs
+                image = ax.imshow(inputs[w, k], cmap=cmap, norm=norm, interpolation="nearest")
+                ax.set_title(f"{-(t_in - 1 - k) * FRAME_MINUTES} min", fontsize=8)
+        for r, (name, frames) in enumerate(rows, start=1):
+            _row_label(axes[base + r, 0], name)
+            for c in range(n_cols):
+                ax = axes[base + r, c + 1]
+                ax.axis("off")
+                if c < len(leads):
+                    image = ax.imshow(frames[w, leads[c] - 1], cmap=cmap, norm=norm, interpolation="nearest")
+                    if r == 1:
+                        ax.set_title(f"+{leads[c] * FRAME_MINUTES} min", fontsize=8)
+    fig.subplots_adjust(left=0.01, right=0.88, top=0.97, bottom=0.02, wspace=0.04, hspace=0.18)
+    cax = fig.add_axes((0.90, 0.2, 0.018, 0.6))
+    bar = fig.colorbar(image, cax=cax, extend="neither", ticks=VIL_LEVELS)
+    bar.set_label("VIL (0-255 scale)")
+    bar.ax.tick_params(labelsize=7)
+    return _save(fig, Path(path))
+
+
+def _row_label(ax: Any, text: str) -> None:
+    ax.axis("off")
+    ax.text(0.95, 0.5, text, ha="right", va="center", fontsize=8, transform=ax.transAxes)
+
+
+# -------------------------------------------------------------------- summary
+def _cell(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
+    return "n/a" if value is None else f"{value * scale:.{digits}f}"
+
+
+def summary_markdown(doc: dict[str, Any], split: str) -> str:
+    """A table of the headline scores (MSE also as x 10^-3, as papers report it) and the model's gaps."""
+    names = [k for k, v in doc.items() if isinstance(v, dict) and "csi_m" in v]
+    thresholds = list(doc[names[0]]["csi"])
+    head = ["forecaster", "CSI-M", "HSS-M", "CSI-pool4-M", "CSI-pool16-M", "MSE x10^-3", "MAE", "SSIM"]
+    head += [f"CSI {t}" for t in thresholds]
+    lines = [f"# Evaluation on the {split} split ({doc['windows']} windows)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]  # fmt: skip
+    for n in names:
+        b = doc[n]
+        cells = [n, _cell(b["csi_m"]), _cell(b["hss_m"]), _cell(b.get("csi_pool4_m")), _cell(b.get("csi_pool16_m")),
+                 _cell(b["mse"], 1e3), _cell(b["mae"], 1, 4), _cell(b.get("ssim"))]  # fmt: skip
+        cells += [_cell(b["csi"][t]) for t in thresholds]
+        lines.append("| " + " | ".join(cells) + " |")
+    for base, gaps in doc.get("model_vs_baselines", {}).items():
+        ratio = gaps.get("csi_m_ratio")
+        diff = gaps.get("csi_m_diff")
+        lines += ["", f"Model vs {base}: CSI-M {_signed(diff)} ({'n/a' if ratio is None else f'{ratio:.2f}x'}), "
+                      f"MSE {_signed(gaps.get('mse_diff'), 1e3)} x10^-3."]  # fmt: skip
+    lines += ["", "Undefined scores (a threshold neither forecast nor truth reaches, 0/0) are n/a here, "
+                  "null in metrics.json, and left out of CSI-M/HSS-M."]  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def _signed(value: float | None, scale: float = 1.0) -> str:
+    return "n/a" if value is None else f"{value * scale:+.3f}"

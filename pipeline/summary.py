@@ -1,0 +1,40 @@
+"""Parameter counts of every registered model at the params.yaml config (the pipeline side of models.summary).
+
+    python -m pipeline.summary [--params params.yaml] [--preset presets/x.yaml] [--markdown models/PARAMS.md]
+
+Reads ``--params`` through pipeline.config (with ``--preset`` merged over it, as
+``python -m pipeline.preset`` applies it), then prints :func:`models.summary.report`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from models.summary import report
+from pipeline.cli import run_stage
+from pipeline.config import from_dict
+from pipeline.preset import merge, read_yaml
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"), help="params file (default: params.yaml)")
+    parser.add_argument("--preset", type=Path, default=None, help="a presets/*.yaml file merged over the params")
+    parser.add_argument("--markdown", type=Path, default=None, help="also write the table to this Markdown file")
+    args = parser.parse_args(argv)
+    raw = read_yaml(args.params)
+    source = f"`{args.params}`"
+    if args.preset is not None:
+        raw = merge(raw, read_yaml(args.preset))
+        source = f"`{args.params}` + `{args.preset}`"
+    cfg = from_dict(raw, source=source.replace("`", "")).model
+    command = "python -m pipeline.summary" + (f" --preset {args.preset}" if args.preset else "")
+    if args.markdown is not None:
+        command += f" --markdown {args.markdown}"
+    print(report(cfg, source, args.markdown, command), end="")
+
+
+if __name__ == "__main__":
+    sys.exit(run_stage(main))
