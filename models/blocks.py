@@ -390,18 +390,31 @@ class PixelHead(nn.Module):
     # than 0.5 everywhere (measured: a 0.5 start spends the first steps just darkening the whole frame)
     SIGMOID_BIAS = -3.0
 
-    def __init__(self, dim: int, out_channels: int, patch: int, sigmoid: bool = False) -> None:
+    def __init__(self, dim: int, out_channels: int, patch: int, sigmoid: bool = False, residual: bool = False) -> None:
         super().__init__()
-        self.patch, self.sigmoid = patch, sigmoid
+        self.patch, self.sigmoid, self.residual = patch, sigmoid, residual
         self.norm = nn.LayerNorm(dim)
         self.proj = nn.Linear(dim, out_channels * patch * patch)
 
     def reset_parameters(self) -> None:
-        """Called by the backbone's init after the Swin init of the Linear: the sigmoid head's bias start."""
-        if self.sigmoid:
+        """Called by the backbone's init after the Swin init of the Linear: the output start.
+
+        residual (model.residual): the head outputs a change to add to the last input frame; weight and
+        bias zero, so the change starts at exactly 0 (the model starts as persistence). The weight still
+        gets a gradient (the normed tokens), so the trunk below starts learning after the first step.
+        Otherwise the sigmoid head's bias starts at SIGMOID_BIAS.
+        """
+        if self.residual:
+            nn.init.zeros_(self.proj.weight)
+            nn.init.zeros_(self.proj.bias)
+        elif self.sigmoid:
             nn.init.constant_(self.proj.bias, self.SIGMOID_BIAS)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.proj(self.norm(x)).permute(0, 3, 1, 2)  # (B, C_out * p^2, H/p, W/p)
         x = F.pixel_shuffle(x, self.patch)  # (B, C_out, H, W)
-        return torch.sigmoid(x) if self.sigmoid else x  # model.head: sigmoid bounds to 0-1 (the reference)
+        if not self.sigmoid:
+            return x
+        if self.residual:  # a change in -1..1, 0 at a zero pre-activation
+            return 2.0 * torch.sigmoid(x) - 1.0
+        return torch.sigmoid(x)  # model.head: sigmoid bounds to 0-1 (the reference)

@@ -78,6 +78,11 @@ class ModelConfig(_Section):
     # DATSwinLSTM-D-Memory have none (false); true is our addition
     skips: bool = False
     head: Literal["sigmoid", "linear"] = "sigmoid"  # sigmoid bounds predictions to 0-1 (the reference)
+    # residual output anchored on the last input frame (ours): prediction = x[:, -1] + learned change, the
+    # output layer zero-initialised, so a fresh model forecasts persistence and learns motion and growth on
+    # top of it. The head then shapes the change: linear (unbounded) or sigmoid (2 sigmoid - 1, in -1..1);
+    # convlstm's 1x1 output conv has no activation, so its change is linear. Predictions stay unclamped
+    residual: bool = False
     # position information of window attention: relative (a learned bias per relative offset, Swin), absolute
     # (a learned embedding per position in the window, added to the tokens), sincos (fixed 2D sin/cos, added),
     # rotary (2D RoPE on queries and keys; head dims multiples of 4)

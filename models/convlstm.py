@@ -71,6 +71,9 @@ class ConvLSTM(Forecaster):
             ConvLSTMCell(0 if i == 0 else hidden[i - 1], hidden[i], k) for i in range(len(hidden))
         )
         self.head = nn.Conv2d(sum(hidden), folded, kernel_size=1)
+        if cfg.residual:  # model.residual: the head outputs a change to the last input frame, 0 at the start
+            nn.init.zeros_(self.head.weight)
+            nn.init.zeros_(self.head.bias)
 
     def forward(self, x: Tensor, out_len: int, memory_x: Tensor | None = None, phase: int = 2) -> Tensor:
         """(B, T_in, C, H, W) on 0-1 -> (B, out_len, C, H, W); H, W multiples of patch_size."""
@@ -96,4 +99,5 @@ class ConvLSTM(Forecaster):
                 inp = states[i][0]
             folded = self.head(torch.cat([h for h, _ in states], dim=1))  # (B, C p^2, H/p, W/p)
             preds.append(F.pixel_shuffle(folded, p))  # (B, C, H, W)
-        return torch.stack(preds, dim=1)  # (B, out_len, C, H, W)
+        out = torch.stack(preds, dim=1)  # (B, out_len, C, H, W)
+        return x[:, -1:] + out if self.cfg.residual else out  # model.residual: last input frame + change

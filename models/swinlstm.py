@@ -82,7 +82,7 @@ class SwinLSTMD(nn.Module):
         self.merge = nn.ModuleList(PatchMerging(D * 2**i) for i in range(S))
         self.up = nn.ModuleList(cell(D * 2 ** (S - j), cfg.depths_up[j], cfg.heads[S - 1 - j]) for j in range(S))
         self.expand = nn.ModuleList(PatchExpanding(D * 2 ** (S - j)) for j in range(S))
-        self.head = PixelHead(D, cfg.in_channels, cfg.patch_size, sigmoid=cfg.head == "sigmoid")
+        self.head = PixelHead(D, cfg.in_channels, cfg.patch_size, sigmoid=cfg.head == "sigmoid", residual=cfg.residual)
         self.apply(_init_weights)
         self.deep_fusion = deep_fusion  # after init: it keeps its own initialisation
 
@@ -128,10 +128,13 @@ class SwinLSTMD(nn.Module):
         states: list[CellState | None] = [None] * (2 * self.cfg.stages)
         preds: list[Tensor] = []
         pred = x[:, 0]
+        anchor = x[:, -1]  # model.residual: forecasts are the last input frame + the head's change
         for t in range(T + out_len - 1):
             frame = x[:, t] if t < T else pred  # feed the inputs, then the model's own forecast
             pred, states = self.step(frame, states, memory, forecast=t >= T - 1)  # (B, C, H, W): frame t + 1
             if t >= T - 1:
+                if self.cfg.residual:
+                    pred = anchor + pred
                 preds.append(pred)
         return torch.stack(preds, dim=1)
 
