@@ -21,7 +21,7 @@ from pipeline.scoring.forecasters import OpticalFlow, Persistence, get_method
 from pipeline.training.checkpoint import load_model, read_checkpoint
 
 IN, OUT, SIZE = 4, 3, 32
-TINY_MODEL = {"name": "convlstm", "patch_size": 4, "convlstm": {"hidden": [4], "kernel_size": 3}}
+TINY_MODEL = {"name": "convlstm", "patch_size": 4, "residual": False, "convlstm": {"hidden": [4], "kernel_size": 3}}
 
 
 @pytest.fixture(autouse=True)
