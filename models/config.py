@@ -75,8 +75,9 @@ class ModelConfig(_Section):
     dropout: Fraction = 0.0  # attention, projection and MLP dropout
     drop_path: Fraction = 0.1  # stochastic depth, rising linearly to this over all blocks
     # U-Net skips: add down stage i's output to the up path at the same grid. The published SwinLSTM-D and
-    # DATSwinLSTM-D-Memory have none (false); true is our addition
-    skips: bool = False
+    # DATSwinLSTM-D-Memory have none (false: presets/reference_sevir.yaml); true is our addition, the default
+    # because it learned much faster on the sample (benchmarks/README.md, "Memory-model options")
+    skips: bool = True
     head: Literal["sigmoid", "linear"] = "sigmoid"  # sigmoid bounds predictions to 0-1 (the reference)
     # position information of window attention: relative (a learned bias per relative offset, Swin), absolute
     # (a learned embedding per position in the window, added to the tokens), sincos (fixed 2D sin/cos, added),
