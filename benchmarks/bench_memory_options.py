@@ -7,8 +7,9 @@ Data: events from the embedded sample's own field generator (pipeline.sevir._fie
 the radar-like VIL the fetch stage writes; 70% storm events as params.yaml's sample) rendered at the
 sample's 128 x 128, each cut to one random ``--crop`` (32) window so storms keep their scale; a
 training set and a held-out validation set from other seeds. Model: the default
-``datswinlstm_memory`` options at a small size (patch 4, embed 16, window 2, depths [2, 1] / [1, 2],
-heads [2, 4], memory 16 x 32), one option changed per variant. Training: AdamW, per batch a phase-1
+``datswinlstm_memory`` options with the reference's skip-free layout (``skips: false``) at a small
+size (patch 4, embed 16, window 2, depths [2, 1] / [1, 2], heads [2, 4], memory 16 x 32), one option
+changed per variant. Training: AdamW, per batch a phase-1
 step (long clip = inputs + targets) then a phase-2 step, loss L1 + MSE, ``--steps`` batches; with
 ``--fixed-batch`` always the same ``--batch`` clips (how fast each option fits one fixed clip
 batch, the cheapest discriminating budget on a CPU). Reported: ``fit L1`` (the inference path,
@@ -40,6 +41,7 @@ SMALL = dict(
     depths_up=[1, 2],
     heads=[2, 4],
     drop_path=0.0,
+    skips=False,  # the base is the reference's layout; the skips=true variant measures our addition
     memory={"slots": 16, "dim": 32, "heads": 4},
 )
 
