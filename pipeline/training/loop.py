@@ -291,7 +291,7 @@ class Trainer:
         self.finished = False
         self.stopped_early = False
         self.resumed_from = 0
-        self.checkpoint_s = 0.0  # time spent writing checkpoints in this process
+        self.checkpoint_s = self.checkpoint_cpu_s = 0.0  # time spent writing checkpoints in this process
         self._resume()
         # ----- wrappers (after loading weights)
         self.train_model: nn.Module = self.model
@@ -460,9 +460,10 @@ class Trainer:
             self.stopped_early = bool(pcfg.early_stop_patience and self.bad_epochs >= pcfg.early_stop_patience)
             self.finished = self.epoch >= pcfg.epochs or self.stopped_early
             if self.dist.is_main:
-                t_ckpt = time.perf_counter()
+                t_ckpt, c_ckpt = time.perf_counter(), time.process_time()
                 self._write_checkpoints(improved)
                 self.checkpoint_s += time.perf_counter() - t_ckpt
+                self.checkpoint_cpu_s += time.process_time() - c_ckpt
                 tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=self.epoch)
                 log.info("phase %d epoch %d/%d: %s%s", self.phase, self.epoch, pcfg.epochs,
                          ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith(("train.loss", "val."))),
@@ -481,7 +482,7 @@ class Trainer:
                          history=list(self.history), checkpoint=self.best_path, last_checkpoint=self.last_path,
                          batch_size=self.batch_size, stopped_early=self.stopped_early,
                          resumed_from_epoch=self.resumed_from, config_hash=self.hash,
-                         extra={"checkpoint_s": self.checkpoint_s})  # fmt: skip
+                         extra={"checkpoint_s": self.checkpoint_s, "checkpoint_cpu_s": self.checkpoint_cpu_s})  # fmt: skip
 
     def _train_epoch(self, tracker: SafeTracker) -> dict[str, float]:
         pcfg, device = self.pcfg, self.device
@@ -495,7 +496,7 @@ class Trainer:
         sums = torch.zeros(len(names) + 2, device=device)  # losses..., l1, mse (of the main step)
         bad_step = torch.full((), -1, dtype=torch.int64, device=device)  # first batch with a non-finite value
         seen = 0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         bar = tqdm(total=self.steps_per_epoch, desc=f"phase {self.phase} epoch {self.epoch + 1}/{pcfg.epochs}",
                    unit="step", disable=not (self.progress and self.dist.is_main), leave=False, dynamic_ncols=True)  # fmt: skip
         batches = iter(self.train_loader)
@@ -554,6 +555,7 @@ class Trainer:
         metrics["lr"] = float(self.scheduler.get_last_lr()[0])
         metrics["samples_per_s"] = seen * self.dist.world_size / max(elapsed, 1e-9)
         metrics["epoch_time_s"] = elapsed
+        metrics["epoch_cpu_s"] = time.process_time() - c0  # this process's CPU time (steadier on a shared machine)
         metrics.update(_gpu_mib(device))
         return metrics
 
