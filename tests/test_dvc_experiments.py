@@ -114,12 +114,12 @@ def test_repro_runs_the_study_and_logs_a_full_parent_run(project: Path):
 
 
 def test_exp_run_reruns_only_dependent_stages_and_is_its_own_parent_run(project: Path):
-    out = _run([str(BIN / "dvc"), "exp", "run", "-n", "drop-more", "-S", "train.phase2.lr=0.0005"], project)
+    out = _run([str(BIN / "dvc"), "exp", "run", "-n", "drop-more", "-S", "train.phase2.lr=0.00021"], project)
     for skipped in ("fetch", "chunk", "train_phase1", "search"):
         assert f"Stage '{skipped}' didn't change, skipping" in out, out
     assert "Running stage 'train_phase2'" in out
     runs = _parents(project)
-    assert runs["drop-more"].data.params["train.phase2.lr"] == "0.0005"
+    assert runs["drop-more"].data.params["train.phase2.lr"] == "0.00021"
     assert runs["drop-more"].data.tags["dvc.exp_name"] == "drop-more"
 
 
@@ -162,7 +162,7 @@ def test_mlflow_server_serves_the_runs_params_and_headline_metrics(project: Path
         assert {"drop-more", "queued-1", "queued-2"} <= set(runs)
         params = {p["key"]: p["value"] for p in runs["drop-more"]["data"]["params"]}
         metrics = {m["key"]: m["value"] for m in runs["drop-more"]["data"].get("metrics", [])}
-        assert params["train.phase2.lr"] == "0.0005" and "model.embed_dim" in params
+        assert params["train.phase2.lr"] == "0.00021" and "model.embed_dim" in params
         assert {"model.csi_m", "persistence.csi_m", "model.mse"} <= set(metrics)
 
         chromium = shutil.which("chromium") or shutil.which("chromium-browser")
