@@ -122,6 +122,7 @@ def test_exp_run_reruns_only_dependent_stages_and_is_its_own_parent_run(project:
     assert runs["drop-more"].data.tags["dvc.exp_name"] == "drop-more"
 
 
+@pytest.mark.timeout(1800)
 def test_two_queued_experiments_log_to_one_store_without_lock_errors(project: Path):
     for n in (1, 2):
         _run([str(BIN / "dvc"), "exp", "run", "--queue", "-n", f"queued-{n}", "-S", f"evaluate.n_examples={n}"], project)
