@@ -31,6 +31,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_chunk.py
 	$(BIN)/python benchmarks/bench_fetch.py
 	$(BIN)/python benchmarks/bench_models.py
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_eval.py
+	$(BIN)/python benchmarks/bench_memory_options.py
 	$(BIN)/python benchmarks/bench_search.py
 
 # MLflow UI on the project's store; prints the runs-table link (PORT=5000 by default)

@@ -764,7 +764,8 @@ def _report(results: list[dict[str, Any]], devices: list[str], args: argparse.Na
                 f"peak memory {ratios['peak_memory']:.2f} (targets <= 1.0: "
                 f"{'MET' if ratios['time'] <= 1.0 and ratios['peak_memory'] <= 1.0 else 'NOT MET'})"
                 f"   [ours {o['median_s'] * 1e3:.0f} ms {o[mem_key]:.0f} MiB, reference {r['median_s'] * 1e3:.0f} ms "
-                f"{r[mem_key]:.0f} MiB per phase-1 step; params ours {o['params']:,}, reference {r['params']:,}; "
+                f"{r[mem_key]:.0f} MiB per phase-1 step at {o['size']}x{o['size']}, T_in {o['in_len']} -> T_out "
+                f"{o['out_len']}, batch {o['batch']}; params ours {o['params']:,}, reference {r['params']:,}; "
                 f"by process CPU time {ratios['cpu_time']:.2f}]"
             )
         if device == "cuda":

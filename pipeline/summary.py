@@ -12,10 +12,12 @@ import argparse
 import sys
 from pathlib import Path
 
+import yaml
+
 from models.summary import report
 from pipeline.cli import run_stage
-from pipeline.config import from_dict
-from pipeline.preset import merge, read_yaml
+from pipeline.config import from_dict, load
+from pipeline.preset import merge, read_preset
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,12 +26,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", type=Path, default=None, help="a presets/*.yaml file merged over the params")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table to this Markdown file")
     args = parser.parse_args(argv)
-    raw = read_yaml(args.params)
-    source = f"`{args.params}`"
-    if args.preset is not None:
-        raw = merge(raw, read_yaml(args.preset))
+    if args.preset is None:
+        cfg = load(args.params).model
+        source = f"`{args.params}`"
+    else:
+        cfg = load(args.params).model  # the params themselves must be valid: one line naming the key if not
+        raw = yaml.safe_load(args.params.read_text())
         source = f"`{args.params}` + `{args.preset}`"
-    cfg = from_dict(raw, source=source.replace("`", "")).model
+        cfg = from_dict(merge(raw, read_preset(args.preset)), source=source.replace("`", "")).model
     command = "python -m pipeline.summary" + (f" --preset {args.preset}" if args.preset else "")
     if args.markdown is not None:
         command += f" --markdown {args.markdown}"
