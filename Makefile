@@ -31,6 +31,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_chunk.py
 	$(BIN)/python benchmarks/bench_fetch.py
 	$(BIN)/python benchmarks/bench_models.py
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_eval.py
 	$(BIN)/python benchmarks/bench_memory_options.py
 	$(BIN)/python benchmarks/bench_search.py
 

@@ -21,10 +21,11 @@ from pipeline import config as config_mod
 from pipeline.cli import run_stage, setup_logging, stage_parser
 from pipeline.errors import PipelineError
 from pipeline.scoring import evaluation, reports
-from pipeline.scoring.checkpoints import read_checkpoint
 from pipeline.scoring.forecasters import get_method, model_from_checkpoint
 from pipeline.scoring.mlflow_log import log_evaluation
 from pipeline.tracking import stage_run
+from pipeline.training.checkpoint import read_checkpoint
+from pipeline.training.loop import cpu_threads
 
 log = logging.getLogger("pipeline.evaluate")
 
@@ -47,6 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     cfg = config_mod.load(args.params)
+    torch.set_num_threads(cpu_threads(cfg.train.threads, 1))
     split = args.split or cfg.evaluate.split
     ckpt_path = args.checkpoint or cfg.train.checkpoint_dir / "phase2" / "best.pt"
     if not ckpt_path.is_file():
@@ -75,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         title = f"{split}, {result.windows} windows"
         pngs = reports.plot_per_lead(out / "plots", tables, list(forecasters), title=title)
         examples = evaluation.forecast_examples(dataset, forecasters, result.examples, device=device)
-        names = [f"{dataset.info(i)['event_id']} +{dataset.info(i)['start']}" for i in result.examples]
+        names = [f"{info['event_id']}\nframe {info['start']}" for info in map(dataset.info, result.examples)]
         gallery = reports.plot_gallery(out / "plots" / "gallery.png", examples, cfg.evaluate.example_leads, names)
         summary = out / "summary.md"
         reports.write_atomic(summary, reports.summary_markdown(doc, split))

@@ -17,7 +17,8 @@ from pathlib import Path
 
 from pipeline import config as config_mod
 from pipeline.cli import run_stage, setup_logging, stage_parser
-from pipeline.tracking import flatten, project_root, stage_run
+from pipeline.errors import PipelineError
+from pipeline.tracking import flatten, stage_run
 from pipeline.tuning import study as study_mod
 from pipeline.tuning.objective import Phase1Objective, TrialTracker
 from pipeline.tuning.report import write_reports
@@ -47,7 +48,8 @@ def main(argv: list[str] | None = None) -> None:
     if overrides:
         cfg = apply_overrides(cfg, overrides, source="command line")
 
-    workdir = project_root() / WORKDIR
+    workdir = Path.cwd() / WORKDIR  # the stage's own outputs: in the workspace DVC runs it in (a queued
+    # experiment runs in a temporary copy; DVC_ROOT, which tracking uses, points at the parent repo)
     journal = workdir / study_mod.DEFAULT_JOURNAL.name
     storage = study_mod.open_storage(cfg.search, journal)
     desc = study_mod.describe_storage(cfg.search.storage, journal)
@@ -79,8 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         log.info("extra workers: python -m pipeline.search --worker%s", f" --storage '{cfg.search.storage}'" if cfg.search.storage else "")
         with study_mod.quiet_optuna():
             study_mod.StudyRunner(study, cfg.search, Phase1Objective(cfg, workdir / "trials", tracker), lock).run()
-        out = args.out if args.out.is_absolute() else project_root() / args.out
-        info = write_reports(study, cfg.search, out, desc, cfg.search.metric)
+        out = args.out
+        info = write_reports(study, cfg.search.space, out, desc, cfg.search.metric)
         mlflow.log_metrics({f"trials.{k}": float(v) for k, v in info["trials"].items()})
         if info["best_value"] is not None:
             mlflow.log_metrics({"best_value": info["best_value"], "best_trial": float(info["best_trial"])})
@@ -90,7 +92,9 @@ def main(argv: list[str] | None = None) -> None:
             print(f"best {cfg.search.metric} = {info['best_value']:.4f} (trial {info['best_trial']}); apply it with:")
             print(f"  {info['command']}")
         else:
-            print(f"no trial completed ({info['trials']}); see {out / 'trials.csv'} for the reasons")
+            raise PipelineError(
+                f"search: no trial of study '{name}' completed ({info['trials']}); the reasons are in {out / 'trials.csv'}"
+            )
 
 
 def _tracker_for_worker(cfg: config_mod.Config, study) -> TrialTracker | None:

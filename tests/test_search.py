@@ -141,19 +141,18 @@ def test_failed_trials_are_recorded_with_their_reason_and_the_study_goes_on(stud
 
 def test_sigkilled_study_resumes_without_losing_or_repeating_finished_trials(study_params, tmp_path):
     params, journal = study_params(n_trials=5), tmp_path / "study.journal"
-    proc = _worker(params, journal, tmp_path / "w1.json", "--sleep", "1.5")
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # kill it mid-trial, once two trials are finished
-        if journal.exists():
-            study = _load(journal, params) if journal.stat().st_size else None
-            if study and sum(t.state == TrialState.COMPLETE for t in study.trials) >= 2 and \
-                    any(t.state == TrialState.RUNNING for t in study.trials):
+    proc = _worker(params, journal, tmp_path / "w1.json", "--sleep", "0.2", "--hang-at", "2")
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:  # kill it mid-trial: trial 2 hangs, trials 0 and 1 are finished
+        if journal.exists() and journal.stat().st_size:
+            trials = _load(journal, params).trials
+            if len(trials) == 3 and trials[2].state == TrialState.RUNNING:
                 break
         time.sleep(0.2)
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=10)
     before = {t.number: (t.params, t.value) for t in _load(journal, params).trials if t.state == TrialState.COMPLETE}
-    assert len(before) >= 2
+    assert sorted(before) == [0, 1]
 
     resumed = _worker(params, journal, tmp_path / "w2.json", "--sleep", "0.2")
     assert resumed.wait(timeout=120) == 0, resumed.stderr.read()

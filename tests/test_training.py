@@ -352,7 +352,7 @@ def test_fit_nests_its_own_run_under_a_given_parent(sample, tmp_path):
     assert len(client.get_metric_history(children[0].info.run_id, "val.loss")) == 1
 
 
-def test_a_tracking_store_that_fails_mid_run_costs_no_training(sample, tmp_path, caplog):
+def test_a_tracker_that_fails_mid_run_is_switched_off_once(sample, tmp_path, caplog):
     class GoneAfterFirstEpoch:
         """An mlflow-like tracker whose server disappears after the first logged metrics."""
 
@@ -375,3 +375,54 @@ def test_a_tracking_store_that_fails_mid_run_costs_no_training(sample, tmp_path,
         result = fit(cfg, 1, tmp_path / "phase1", tracker=GoneAfterFirstEpoch(), progress=False)
     assert len(result.history) == 3 and read_checkpoint(result.last_checkpoint)["epoch"] == 3
     assert caplog.text.count("tracking is off") == 1
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_a_tracking_server_killed_mid_run_costs_no_training(sample, tmp_path):
+    import urllib.request
+
+    port = _free_port()
+    server = subprocess.Popen([str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1)
+                break
+            except OSError:
+                assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
+                time.sleep(0.5)
+        raw = _raw(sample, "convlstm", {"phase1": {"epochs": 3, "max_steps_per_epoch": 12}}, tmp_path / "artifacts", True)
+        raw["tracking"]["uri"] = f"http://127.0.0.1:{port}"
+        params = tmp_path / "params.yaml"
+        params.write_text(yaml.safe_dump(raw, sort_keys=False))
+        env = {**os.environ, "PYTHONPATH": str(REPO), "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0",
+               "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}  # fmt: skip
+        env.pop("MLFLOW_TRACKING_URI")
+        stage = subprocess.Popen([sys.executable, "-m", "pipeline.train", "--phase", "1", "--params", str(params),
+                                  "--reports", str(tmp_path / "reports")], cwd=tmp_path, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+        last = tmp_path / "artifacts" / "phase1" / "last.pt"
+        while stage.poll() is None and not last.exists():
+            time.sleep(0.01)
+        os.killpg(server.pid, signal.SIGKILL)  # the server (and its workers) go away after the first epoch
+        server.wait()
+        _, err = stage.communicate(timeout=300)
+        assert stage.returncode == 0, err
+        assert read_checkpoint(last)["epoch"] == 3
+        assert "tracking is off for the rest of this run" in err
+        assert json.loads((tmp_path / "reports" / "train_phase1.json").read_text())["epochs"] == 3
+    finally:
+        if server.poll() is None:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,11 @@ class OpticalFlow:
         vil = frames.numpy().astype(np.float64) if frames.dtype == torch.uint8 else frames.double().numpy() * 255.0
         out = np.empty((b, out_len, h, w), dtype=np.float32)
         for i in range(b):
-            velocity = self._motion(vil[i], verbose=False)  # (2, H, W) pixels per frame
+            with warnings.catch_warnings():
+                # pysteps' outlier test takes a covariance of the tracked vectors; with very few
+                # features (a nearly dry window) numpy warns about degrees of freedom; the field is still valid
+                warnings.simplefilter("ignore", RuntimeWarning)
+                velocity = self._motion(vil[i], verbose=False)  # (2, H, W) pixels per frame
             forecast = self._extrapolate(vil[i, -1], velocity, out_len)  # (out_len, H, W), NaN = from outside
             out[i] = np.nan_to_num(forecast, nan=0.0) / 255.0
         return torch.from_numpy(out).unsqueeze(2).to(inputs.device)  # (B, out_len, 1, H, W) 0-1
@@ -119,6 +124,6 @@ def model_from_checkpoint(path: Path, model_cfg: Any = None, device: torch.devic
     ``model_cfg`` (a ``ModelConfig``), when given, must equal the checkpoint's: a difference raises
     :class:`pipeline.errors.ConfigError` naming the differing ``model.*`` keys.
     """
-    from pipeline.scoring.checkpoints import load_model
+    from pipeline.training.checkpoint import load_model
 
     return ModelForecaster(load_model(Path(path), model_cfg, device=device), device=device, precision=precision)

@@ -291,17 +291,31 @@ class Trainer:
         self.finished = False
         self.stopped_early = False
         self.resumed_from = 0
-        self.checkpoint_s = 0.0  # time spent writing checkpoints in this process
+        self.checkpoint_s = self.checkpoint_cpu_s = 0.0  # time spent writing checkpoints in this process
         self._resume()
         # ----- wrappers (after loading weights)
         self.train_model: nn.Module = self.model
         if self.dist.enabled:
-            find_unused = self.two_step and self.pcfg.align and bool(self.model.phase2_unused_parameters())
+            find_unused = bool(self._unused_trainable())
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
                                                                    find_unused_parameters=find_unused)  # fmt: skip
         if cfg.train.compile:
             self.train_model = torch.compile(self.train_model)
+
+    def _step_phases(self) -> tuple[int, ...]:
+        """The forward paths a batch takes: (1, 2) phase-1 + alignment, (1,) phase-1 only, (2,) otherwise."""
+        if self.two_step:
+            return (1, 2) if self.pcfg.align else (1,)
+        return (2,)
+
+    def _unused_trainable(self) -> list[str]:
+        """Trainable parameters that some step of a batch leaves without a gradient (DDP's
+        ``find_unused_parameters``): e.g. the bank in the alignment step, one memory encoder per phase."""
+        unused: set[str] = set()
+        for step_phase in self._step_phases():
+            unused.update(self.model.unused_parameters(step_phase))
+        return [n for n, p in self.model.named_parameters() if n in unused and p.requires_grad]
 
     # ------------------------------------------------------------------------------ checkpoints
     @property
@@ -460,9 +474,10 @@ class Trainer:
             self.stopped_early = bool(pcfg.early_stop_patience and self.bad_epochs >= pcfg.early_stop_patience)
             self.finished = self.epoch >= pcfg.epochs or self.stopped_early
             if self.dist.is_main:
-                t_ckpt = time.perf_counter()
+                t_ckpt, c_ckpt = time.perf_counter(), time.process_time()
                 self._write_checkpoints(improved)
                 self.checkpoint_s += time.perf_counter() - t_ckpt
+                self.checkpoint_cpu_s += time.process_time() - c_ckpt
                 tracker.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=self.epoch)
                 log.info("phase %d epoch %d/%d: %s%s", self.phase, self.epoch, pcfg.epochs,
                          ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith(("train.loss", "val."))),
@@ -481,7 +496,7 @@ class Trainer:
                          history=list(self.history), checkpoint=self.best_path, last_checkpoint=self.last_path,
                          batch_size=self.batch_size, stopped_early=self.stopped_early,
                          resumed_from_epoch=self.resumed_from, config_hash=self.hash,
-                         extra={"checkpoint_s": self.checkpoint_s})  # fmt: skip
+                         extra={"checkpoint_s": self.checkpoint_s, "checkpoint_cpu_s": self.checkpoint_cpu_s})  # fmt: skip
 
     def _train_epoch(self, tracker: SafeTracker) -> dict[str, float]:
         pcfg, device = self.pcfg, self.device
@@ -495,7 +510,7 @@ class Trainer:
         sums = torch.zeros(len(names) + 2, device=device)  # losses..., l1, mse (of the main step)
         bad_step = torch.full((), -1, dtype=torch.int64, device=device)  # first batch with a non-finite value
         seen = 0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         bar = tqdm(total=self.steps_per_epoch, desc=f"phase {self.phase} epoch {self.epoch + 1}/{pcfg.epochs}",
                    unit="step", disable=not (self.progress and self.dist.is_main), leave=False, dynamic_ncols=True)  # fmt: skip
         batches = iter(self.train_loader)
@@ -554,6 +569,7 @@ class Trainer:
         metrics["lr"] = float(self.scheduler.get_last_lr()[0])
         metrics["samples_per_s"] = seen * self.dist.world_size / max(elapsed, 1e-9)
         metrics["epoch_time_s"] = elapsed
+        metrics["epoch_cpu_s"] = time.process_time() - c0  # this process's CPU time (steadier on a shared machine)
         metrics.update(_gpu_mib(device))
         return metrics
 
@@ -639,7 +655,7 @@ class Trainer:
         sample = train_ds[0]
         snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         optimizer = build_optimizer(self.model, self.pcfg, exclude=self.frozen)
-        steps = (1, 2) if self.two_step and self.pcfg.align else ((1,) if self.two_step else (2,))
+        steps = self._step_phases()
 
         def try_step(b: int) -> None:
             batch = to_device({k: v.unsqueeze(0).expand(b, *v.shape).contiguous() for k, v in sample.items()},

@@ -1,9 +1,10 @@
 """One trial: a short phase-1 ``fit`` of the suggested config, each epoch reported to Optuna.
 
-The trial's value is the best ``search.metric`` (default ``val.csi_m``) over its epochs. An
-impossible combination (the config check refuses it), a non-finite loss or running out of
-memory raise :class:`TrialFailed` / :class:`PipelineError`; the study runner records them as
-FAIL with the reason and goes on. A trial the pruner stops is PRUNED with the epoch and value.
+The trial's value is the best ``search.metric`` (default ``val.csi_m``) over its epochs. A
+non-finite loss or running out of memory raise :class:`TrialFailed` / :class:`PipelineError`;
+the study runner records them as FAIL with the reason and goes on. A trial the pruner stops is
+PRUNED with the epoch and value; so is an impossible combination (the config check refuses it,
+in milliseconds, before any training), with the check's message as the reason.
 
 Each trial is an MLflow run nested under the study's run: its params (the suggested keys),
 per-epoch metrics, and final state (tag ``optuna.state``; FINISHED / KILLED for pruned / FAILED).
@@ -23,11 +24,14 @@ from typing import Any
 import optuna
 
 from pipeline.config import Config
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.tracking import flatten
 from pipeline.tuning.space import apply_overrides, suggest
 
 log = logging.getLogger("pipeline.tuning")
+
+
+IMPOSSIBLE = "impossible"  # user attr of a trial whose combination the config check refused
 
 
 class TrialFailed(PipelineError):
@@ -114,8 +118,15 @@ class Phase1Objective:
         seen: list[float] = []
         state, reason, value = "FAIL", None, None
         try:
-            cfg = self.trial_config(overrides)  # ConfigError: an impossible combination -> FAIL with the reason
-            cfg = apply_overrides(cfg, {"train.checkpoint_dir": str(out_dir)}, source="search trial")
+            try:
+                cfg = self.trial_config(overrides)
+                cfg = apply_overrides(cfg, {"train.checkpoint_dir": str(out_dir)}, source="search trial")
+            except ConfigError as err:
+                # An impossible combination: PRUNED with the reason, so TPE learns to avoid the region
+                # (it ranks pruned trials below complete ones; failed trials would be drawn again).
+                # It cost no training, so it does not count towards n_trials.
+                trial.set_user_attr(IMPOSSIBLE, True)
+                raise optuna.TrialPruned(f"impossible combination: {err}") from None
 
             def on_epoch(epoch: int, metrics: dict[str, float]) -> None:
                 if self.tracker and run_id:

@@ -102,7 +102,7 @@ def _save(fig_or_ax: Any, path: Path, title: str) -> None:
     else:
         fig = fig_or_ax.figure
     fig.suptitle(title, fontsize=10)
-    fig.set_size_inches(10, 5.5)
+    fig.set_size_inches(12, 6)
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=90)
@@ -119,6 +119,14 @@ def _placeholder(path: Path, title: str, message: str) -> None:
     _save(fig, path, title)
 
 
+def _top_params(study: optuna.Study, k: int) -> list[str] | None:
+    """The ``k`` most important params (fANOVA); None (all) when importances cannot be computed."""
+    try:
+        return list(optuna.importance.get_param_importances(study))[:k]
+    except (ValueError, RuntimeError, ZeroDivisionError):
+        return None
+
+
 def plots(study: optuna.Study, out_dir: Path, metric: str) -> list[Path]:
     """history.png, importances.png, parallel.png (a readable placeholder when a plot needs more trials)."""
     import matplotlib
@@ -131,7 +139,8 @@ def plots(study: optuna.Study, out_dir: Path, metric: str) -> list[Path]:
     specs = [
         ("history.png", "optimisation history", lambda: ovm.plot_optimization_history(study, target_name=metric), 1),
         ("importances.png", "parameter importances (fANOVA)", lambda: ovm.plot_param_importances(study), 2),
-        ("parallel.png", "parallel coordinates", lambda: ovm.plot_parallel_coordinate(study, target_name=metric), 2),
+        ("parallel.png", "parallel coordinates (the 6 most important params)",
+         lambda: ovm.plot_parallel_coordinate(study, params=_top_params(study, 6), target_name=metric), 2),
     ]
     for name, title, make, need in specs:
         path = out_dir / name

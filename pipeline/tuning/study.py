@@ -56,6 +56,7 @@ ATTR_WORKER = "worker"  # "<host>:<pid>" of the process running the trial
 ATTR_BEAT = "heartbeat"  # unix time of its last heartbeat
 ATTR_RETRY_OF = "retry_of"  # number of the trial this one re-runs
 ATTR_REASON = "fail_reason"  # why a trial failed or was pruned
+ATTR_IMPOSSIBLE = "impossible"  # a combination the config check refused (costs no training)
 ATTR_STALE = "stale"  # a trial whose worker died (does not count towards n_trials when retried)
 
 _RDB_SCHEMES = ("postgresql", "mysql", "sqlite", "mssql", "oracle")
@@ -237,9 +238,12 @@ def fail_stale_trials(study: optuna.Study, search: SearchConfig) -> list[int]:
 
 
 def counted(trials: list[FrozenTrial]) -> int:
-    """Trials that count towards n_trials: finished ones (not stale) and running ones."""
+    """Trials that count towards n_trials: finished ones and running ones; not impossible
+    combinations (refused before training), nor trials of dead workers that were retried."""
     n = 0
     for t in trials:
+        if t.state == TrialState.PRUNED and t.user_attrs.get(ATTR_IMPOSSIBLE):
+            continue
         if t.state == TrialState.RUNNING or t.state in (TrialState.COMPLETE, TrialState.PRUNED):
             n += 1
         elif t.state == TrialState.FAIL and not t.system_attrs.get(ATTR_STALE):
@@ -353,8 +357,15 @@ class StudyRunner:
             release = _Once(lock.release)
             try:
                 fail_stale_trials(self.study, self.search)
-                if counted(self.study.get_trials(deepcopy=False)) >= self.search.n_trials:
+                trials = self.study.get_trials(deepcopy=False)
+                if counted(trials) >= self.search.n_trials:
                     break
+                impossible = sum(bool(t.user_attrs.get(ATTR_IMPOSSIBLE)) for t in trials)
+                if impossible >= 20 + 5 * self.search.n_trials:
+                    raise ConfigError(
+                        f"search.space: {impossible} drawn combinations were impossible (see trials.csv for the reasons); "
+                        "narrow the space (e.g. choices that fit the frame size and each other)"
+                    )
                 self.study.optimize(
                     functools.partial(self._trial, release=release), n_trials=1, catch=self.catch,
                     gc_after_trial=self.search.gc_after_trial, callbacks=[self._after],
@@ -388,9 +399,9 @@ class StudyRunner:
 
 @contextlib.contextmanager
 def quiet_optuna() -> Iterator[None]:
-    """Optuna's own per-trial INFO lines duplicate ours; keep its warnings."""
+    """Optuna's own per-trial lines (and tracebacks of failures we record) duplicate ours; keep its errors."""
     level = optuna.logging.get_verbosity()
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         yield
     finally:

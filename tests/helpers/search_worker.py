@@ -28,6 +28,7 @@ def main() -> None:
     ap.add_argument("--join", action="store_true")
     ap.add_argument("--sleep", type=float, default=0.0)
     ap.add_argument("--fail-every", type=int, default=0)
+    ap.add_argument("--hang-at", type=int, default=-1, help="trial number that sleeps 120 s (to be killed)")
     args = ap.parse_args()
     cfg = config.load(args.params)
     cfg = apply_overrides(cfg, {"search.storage": args.storage}, source="test")
@@ -42,7 +43,7 @@ def main() -> None:
         apply_overrides(cfg, values)  # the same validation a real trial config gets
         lr = values["train.phase1.lr"]
         for epoch in range(2):
-            time.sleep(args.sleep / 2)
+            time.sleep(120 if trial.number == args.hang_at else args.sleep / 2)
             trial.report(-abs(math.log10(lr) + 3) - epoch * 0.01, epoch)
         if args.fail_every and trial.number % args.fail_every == args.fail_every - 1:
             raise PipelineError(f"trial {trial.number}: simulated non-finite loss at epoch 1")
