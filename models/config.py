@@ -76,7 +76,7 @@ class ModelConfig(_Section):
     drop_path: Fraction = 0.1  # stochastic depth, rising linearly to this over all blocks
     # U-Net skips: add down stage i's output to the up path at the same grid. The published SwinLSTM-D and
     # DATSwinLSTM-D-Memory have none (false: presets/reference_sevir.yaml); true is our addition, the default
-    # because it learned much faster on the sample (benchmarks/README.md, "Memory-model options")
+    # because it learned more reliably on the sample (benchmarks/README.md, "Memory-model options")
     skips: bool = True
     head: Literal["sigmoid", "linear"] = "sigmoid"  # sigmoid bounds predictions to 0-1 (the reference)
     # position information of window attention: relative (a learned bias per relative offset, Swin), absolute
