@@ -246,3 +246,35 @@ def _config_error(section: dict) -> str:
 def test_invalid_option_combinations_are_one_config_line(section: dict, keys: list[str]) -> None:
     message = _config_error({"name": MEM, **section})
     assert all(key in message for key in keys), message
+
+
+def test_every_model_combination_of_the_search_space_is_valid_or_refused(repo_root) -> None:  # type: ignore[no-untyped-def]
+    """The categorical model.* choices of params.yaml's search space, in every combination, with each position
+    encoding: the model section validates (frame size included) or is refused with a message naming model keys.
+    (That a refusal is one config line is tested above; ModelConfig directly keeps this to a few seconds.)"""
+    import copy
+    import itertools
+
+    import yaml
+    from pydantic import ValidationError
+
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    space = [d for d in params["search"]["space"] if d["key"].startswith("model.") and d["type"] == "categorical"]
+    space.append({"key": "model.pos", "choices": ["relative", "rotary"]})
+    assert len(space) >= 4
+    side = params["data"]["synthetic"]["size"] // params["windows"]["downsample"]
+    valid = 0
+    for values in itertools.product(*(d["choices"] for d in space)):
+        section = copy.deepcopy(params["model"])
+        for d, value in zip(space, values, strict=True):
+            node = section
+            *parents, leaf = d["key"].split(".")[1:]
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        try:
+            ModelConfig(**section).check_frame_size(side, side)
+            valid += 1
+        except (ValidationError, ValueError) as err:
+            assert "model." in str(err), str(err)
+    assert valid > 0
