@@ -124,8 +124,8 @@ def test_exp_run_reruns_only_dependent_stages_and_is_its_own_parent_run(project:
 
 @pytest.mark.timeout(1800)
 def test_two_queued_experiments_log_to_one_store_without_lock_errors(project: Path):
-    for n in (1, 2):
-        _run([str(BIN / "dvc"), "exp", "run", "--queue", "-n", f"queued-{n}", "-S", f"evaluate.n_examples={n}"], project)
+    for n in (1, 2):  # evaluate.n_examples differs from the baseline's (1): only evaluate reruns
+        _run([str(BIN / "dvc"), "exp", "run", "--queue", "-n", f"queued-{n}", "-S", f"evaluate.n_examples={n + 1}"], project)
     _run([str(BIN / "dvc"), "queue", "start", "-j", "2"], project)
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
@@ -139,7 +139,7 @@ def test_two_queued_experiments_log_to_one_store_without_lock_errors(project: Pa
         assert "database is locked" not in logs
     runs = _parents(project)
     assert {"queued-1", "queued-2"} <= set(runs)
-    assert runs["queued-2"].data.params["evaluate.n_examples"] == "2"
+    assert runs["queued-2"].data.params["evaluate.n_examples"] == "3"
 
 
 def test_exp_show_leads_with_scores_and_leaves_data_stats_out(project: Path):
