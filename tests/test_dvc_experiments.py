@@ -144,12 +144,23 @@ def test_two_queued_experiments_log_to_one_store_without_lock_errors(project: Pa
 
 def test_exp_show_leads_with_scores_and_leaves_data_stats_out(project: Path):
     rows = json.loads(_run([str(BIN / "dvc"), "exp", "show", "--json"], project))
-    text = json.dumps(rows)
-    assert "exceed_" not in text and "hist_" not in text and "chunk_stats" not in text
     workspace = rows[0]
-    metric_files = list(workspace["data"]["metrics"])
-    assert metric_files and metric_files[0] == "reports/metrics.json", metric_files
-    assert "csi_m" in workspace["data"]["metrics"]["reports/metrics.json"]["data"]["model"]
+    metrics = workspace["data"]["metrics"]
+    assert list(metrics)[0] == "reports/metrics.json", list(metrics)  # the scores come first
+    assert not any("chunk_stats" in name for name in metrics)
+    text = json.dumps(metrics)
+    assert "exceed_" not in text and "hist_" not in text  # data statistics are not metrics
+    scores = metrics["reports/metrics.json"]["data"]
+    assert {"csi_m", "mse"} <= set(scores["model"]) and "csi_m" in scores["persistence"]
+    # what `make exp-show` shows: the Makefile's patterns
+    make = dict(line.split(" := ", 1) for line in (project / "Makefile").read_text().splitlines() if line.startswith("EXP_SHOW_"))
+    table = _run([str(BIN / "dvc"), "exp", "show", "--csv", "--only-changed", "--drop", make["EXP_SHOW_DROP"],
+                  "--keep", make["EXP_SHOW_KEEP"]], project)
+    header = table.splitlines()[0].split(",")
+    scores = [c for c in header if "." in c and not c.startswith(("train.", "evaluate."))]
+    assert scores[:2] == ["model.csi_m", "model.mse"], header
+    assert {"persistence.csi_m", "optical_flow.csi_m", "train.phase2.lr"} <= set(header), header
+    assert not [c for c in header if "train_phase" in c or ".pod." in c or c.startswith("last.")], header
 
 
 def test_mlflow_server_serves_the_runs_params_and_headline_metrics(project: Path, tmp_path: Path):
