@@ -46,9 +46,12 @@ DASHBOARD_PORT ?= 8080
 dashboard: $(STAMP)
 	$(BIN)/python -m pipeline.dashboard --port $(DASHBOARD_PORT)
 
-# dvc exp show, leading with what gets compared: scores of the model and the baselines, and params that changed
+# dvc exp show, leading with what gets compared: CSI-M and MSE of the model and the baselines, and the
+# params that changed (per-threshold detail, training summaries and dependency hashes dropped)
+EXP_SHOW_DROP := .*\.(pod|sucr|far|bias|hss|csi_pool4|csi_pool16)\..*|.*\.csi\.[0-9]+|model_vs_baselines\..*|reports/train_phase.*|last\..*|.*\.(mae|ssim|hss_m|csi_pool4_m|csi_pool16_m)|windows|artifacts/.*|data/.*|pipeline/.*|models
+EXP_SHOW_KEEP := (model|persistence|optical_flow)\.(csi_m|mse)
 exp-show: $(STAMP)
-	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp show --only-changed --drop '.*\.(pod|sucr|far|bias|hss|csi_pool4|csi_pool16)\..*|.*\.csi\.[0-9]+|windows|data\..*|reports/search.*' --sort-by model.csi_m --sort-order desc
+	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp show --only-changed --drop '$(EXP_SHOW_DROP)' --keep '$(EXP_SHOW_KEEP)' --sort-by model.csi_m --sort-order desc $(ARGS)
 
 dag: $(STAMP)
 	$(BIN)/dvc dag

@@ -16,7 +16,10 @@ part, so the ETag is the MD5) and a catalog, then times, each into an empty fold
 Clients are made before the clock starts. (1) and (2) include everything the stage does: the catalog, MD5 verification (hashed while the
 bytes stream in), the atomic rename and the HDF5 metadata check; (3) verifies nothing. It also
 times (4), hashing the downloaded files again from the page cache: what a verify-after-download
-re-read would add to (1) and (2). MB/s are medians over --repeat rounds (orders rotated); ratios
+re-read would add to (1) and (2). And it prints what one whole GET and one 8 MiB ranged GET
+cost the server alone: moto answers a ranged GET far slower than real S3 does (per request it
+copies the object), so ranged parts (used when files are fewer than the concurrency) are
+understated here. MB/s are medians over --repeat rounds (orders rotated); ratios
 are medians of the ratios within each round. No asserts.
 """
 
@@ -120,6 +123,18 @@ def transfer_manager(url: str, out: Path, keys: list[str]) -> float:
     return time.perf_counter() - began
 
 
+def server_rates(url: str, key: str) -> tuple[float, float]:
+    """MB/s of one whole-object GET and of one 8 MiB ranged GET of ``key``: what the server itself
+    charges per request (moto copies the object for each ranged answer, which real S3 does not)."""
+    client = s3.make_client(S3Source(endpoint_url=url))
+    rates = []
+    for extra in ({}, {"Range": f"bytes=0-{s3.RANGE_PART_BYTES - 1}"}):
+        began = time.perf_counter()
+        n = len(client.get_object(Bucket=BUCKET, Key=key, **extra)["Body"].read())
+        rates.append(n / (time.perf_counter() - began) / 1e6)
+    return rates[0], rates[1]
+
+
 def reread(out: Path) -> float:
     began = time.perf_counter()
     for path in sorted(out.rglob("*.h5")):
@@ -151,6 +166,8 @@ def main() -> None:
         total = args.files * (len(vil_file(["S"] * args.events, args.size, 0)))
         print(f"loopback S3 (moto, child process) at {url}: {args.files} VIL files of {total / args.files / 1e6:.1f} MB "
               f"({total / 1e6:.0f} MB); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}")  # fmt: skip
+        whole, ranged = server_rates(url, keys[0])
+        print(f"the server itself: one whole-object GET {whole:.0f} MB/s, one 8 MiB ranged GET {ranged:.0f} MB/s")
         runs = {
             "single": lambda out: ours(url, out, 1),
             f"concurrency {args.concurrency}": lambda out: ours(url, out, args.concurrency),

@@ -75,8 +75,9 @@ class ModelConfig(_Section):
     dropout: Fraction = 0.0  # attention, projection and MLP dropout
     drop_path: Fraction = 0.1  # stochastic depth, rising linearly to this over all blocks
     # U-Net skips: add down stage i's output to the up path at the same grid. The published SwinLSTM-D and
-    # DATSwinLSTM-D-Memory have none (false); true is our addition
-    skips: bool = False
+    # DATSwinLSTM-D-Memory have none (false: presets/reference_sevir.yaml); true is our addition, the default
+    # because it learned more reliably on the sample (benchmarks/README.md, "Memory-model options")
+    skips: bool = True
     head: Literal["sigmoid", "linear"] = "sigmoid"  # sigmoid bounds predictions to 0-1 (the reference)
     # residual output anchored on the last input frame (ours): prediction = x[:, -1] + learned change, the
     # output layer zero-initialised, so a fresh model forecasts persistence and learns motion and growth on

@@ -45,6 +45,13 @@ class MotionQuery(nn.Module):
     """(B, T, C, H, W) clip -> (B, H / (p 2^downs), W / (p 2^downs), dim) query.
 
     H and W must be multiples of ``patch * 2^downs``. T may be 1 (then no motion term).
+
+    Checked against the published code (DATSwinLSTM_D_Memory.py / MotionSqueeze.py): there the per-frame
+    features (B*T, C, h, w) become (B, C, T, h, w) by a ``view`` without a permute, and MotionSqueeze's
+    refined (B*T, C, h, w) output is viewed back the same way, so "time" and "channels" are mixed and
+    the correlation does not compare consecutive frames of one sample. Here every reshape keeps the
+    (sample, time) order and time moves by ``transpose``; tests recover a known shift and check that a
+    motion between frames t-1 and t of one sample shows up exactly there.
     """
 
     def __init__(self, in_channels: int, dim: int, patch: int, downs: int, radius: int) -> None:

@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
         title = f"{split}, {result.windows} windows"
         pngs = reports.plot_per_lead(out / "plots", tables, list(forecasters), title=title)
         examples = evaluation.forecast_examples(dataset, forecasters, result.examples, device=device)
-        names = [f"{dataset.info(i)['event_id']} +{dataset.info(i)['start']}" for i in result.examples]
+        names = [f"{info['event_id']}\nframe {info['start']}" for info in map(dataset.info, result.examples)]
         gallery = reports.plot_gallery(out / "plots" / "gallery.png", examples, cfg.evaluate.example_leads, names)
         summary = out / "summary.md"
         reports.write_atomic(summary, reports.summary_markdown(doc, split))

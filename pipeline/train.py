@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline import config as config_mod
 from pipeline.cli import run_stage, setup_logging, stage_parser
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.tracking import stage_run
 from pipeline.training import distributed, fit
 from pipeline.training.report import write_reports
@@ -40,6 +40,12 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_mod.load(args.params)
     nproc = cfg.train.nproc_per_node
     if nproc > 1 and not worker:
+        import torch
+
+        gpus = torch.cuda.device_count() if cfg.train.device != "cpu" else 0
+        if gpus and nproc > gpus:
+            raise ConfigError(f"train.nproc_per_node = {nproc} but only {gpus} GPU(s) are visible; set it to {gpus} at most "
+                              "(or train.device: cpu for CPU workers)")  # fmt: skip
         forwarded = ["--phase", str(args.phase), "--params", str(args.params), "--reports", str(args.reports)]
         code = distributed.launch("pipeline.train", forwarded + (["-v"] if args.verbose else []), nproc)
         if code:

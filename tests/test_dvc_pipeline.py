@@ -63,6 +63,9 @@ def test_repro_builds_every_stage_output(project: Path):
         assert sorted(p.name for p in (project / f"artifacts/phase{phase}").glob("*.pt")) == ["best.pt", "last.pt"]
         assert json.loads((project / f"reports/train_phase{phase}.json").read_text())["epochs"] == 1
         assert (project / f"reports/train_phase{phase}_curve.csv").is_file()
+    metrics = json.loads((project / "reports/metrics.json").read_text())
+    assert {"model", "persistence", "optical_flow"} <= set(metrics) and metrics["windows"] > 0
+    assert (project / "reports/plots/gallery.png").is_file() and (project / "reports/per_lead/csi_m.csv").is_file()
     assert (project / "dvc.lock").is_file()
 
 
@@ -71,8 +74,9 @@ def test_repro_logs_each_stage_to_one_mlflow_parent_run(project: Path):
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     exp = client.get_experiment_by_name("sevir-nowcasting")
     stages = {r.info.run_name: r for r in client.search_runs([exp.experiment_id], filter_string="tags.`pipeline.stage` != ''")}
-    assert {"fetch", "chunk", "train_phase1", "train_phase2"} <= set(stages)
-    parents = {run.data.tags["mlflow.parentRunId"] for run in stages.values()}
+    assert {"fetch", "chunk", "train_phase1", "train_phase2", "evaluate"} <= set(stages)
+    dag = {"fetch", "chunk", "search", "train_phase1", "train_phase2", "evaluate"}  # not the Optuna trials (their study's)
+    parents = {run.data.tags["mlflow.parentRunId"] for run in stages.values() if run.data.tags["pipeline.stage"] in dag}
     assert len(parents) == 1
     assert len(MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_metric_history(stages["train_phase2"].info.run_id, "val.loss")) == 1
     assert stages["chunk"].data.metrics["train.windows"] > 0

@@ -265,7 +265,9 @@ def moving_clip() -> torch.Tensor:
     """(2, IN_LEN + OUT_LEN, 1, 64, 64): a zero-dominant rain cell (a Gaussian bump, 0 beyond its edge)
     drifting (2, 1) pixels and intensifying each step, so persistence is wrong and a residual model has
     a change to learn."""
-    yy, xx = torch.meshgrid(torch.arange(SIDE, dtype=torch.float32), torch.arange(SIDE, dtype=torch.float32), indexing="ij")
+    yy, xx = torch.meshgrid(
+        torch.arange(SIDE, dtype=torch.float32), torch.arange(SIDE, dtype=torch.float32), indexing="ij"
+    )
     frames = []
     for t in range(IN_LEN + OUT_LEN):
         r2 = (yy - 20 - 2 * t * DRIFT) ** 2 + (xx - 24 - t * DRIFT) ** 2
@@ -343,3 +345,35 @@ def test_residual_is_a_validated_params_key() -> None:
     assert from_dict({"model": {"residual": True}}).model.residual is True
     with pytest.raises(ConfigError, match="model.residual"):
         from_dict({"model": {"residual": "maybe"}})
+
+
+def test_every_model_combination_of_the_search_space_is_valid_or_refused(repo_root) -> None:  # type: ignore[no-untyped-def]
+    """The categorical model.* choices of params.yaml's search space, in every combination, with each position
+    encoding: the model section validates (frame size included) or is refused with a message naming model keys.
+    (That a refusal is one config line is tested above; ModelConfig directly keeps this to a few seconds.)"""
+    import copy
+    import itertools
+
+    import yaml
+    from pydantic import ValidationError
+
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    space = [d for d in params["search"]["space"] if d["key"].startswith("model.") and d["type"] == "categorical"]
+    space.append({"key": "model.pos", "choices": ["relative", "rotary"]})
+    assert len(space) >= 4
+    side = params["data"]["synthetic"]["size"] // params["windows"]["downsample"]
+    valid = 0
+    for values in itertools.product(*(d["choices"] for d in space)):
+        section = copy.deepcopy(params["model"])
+        for d, value in zip(space, values, strict=True):
+            node = section
+            *parents, leaf = d["key"].split(".")[1:]
+            for part in parents:
+                node = node.setdefault(part, {})
+            node[leaf] = value
+        try:
+            ModelConfig(**section).check_frame_size(side, side)
+            valid += 1
+        except (ValidationError, ValueError) as err:
+            assert "model." in str(err), str(err)
+    assert valid > 0

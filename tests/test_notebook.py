@@ -55,7 +55,8 @@ def test_compare_runs_notebook_executes_in_a_kernel(tmp_path, monkeypatch, write
                    cwd=REPO, check=True, capture_output=True, timeout=120)
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
-    for key, value in {"MLFLOW_TRACKING_URI": uri, "SEVIR_STUDY_STORAGE": str(journal), "MPLBACKEND": "Agg"}.items():
+    monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend turns figures into outputs
+    for key, value in {"MLFLOW_TRACKING_URI": uri, "SEVIR_STUDY_STORAGE": str(journal)}.items():
         monkeypatch.setenv(key, value)  # the kernel inherits them
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
 

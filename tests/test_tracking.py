@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
 import pytest
 from mlflow.tracking import MlflowClient
 
 from pipeline import config, tracking
 from pipeline.errors import PipelineError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +116,65 @@ def test_flatten_turns_sections_into_dotted_strings():
 def test_numeric_metrics_keep_numbers_under_dotted_names():
     stats = {"train": {"windows": 144, "exceed_16": 0.3}, "frame_height": 128, "split": "train", "ok": True}
     assert tracking.numeric_metrics(stats) == {"train.windows": 144.0, "train.exceed_16": 0.3, "frame_height": 128.0}
+
+
+def test_parent_run_carries_every_params_key_and_spans_its_stages(store, experiment):
+    cfg = config.from_dict(experiment)
+    for stage in ("fetch", "chunk"):
+        with tracking.stage_run(cfg, stage):
+            time.sleep(0.3)
+    client = MlflowClient(store)
+    exp = client.get_experiment_by_name(experiment["tracking"]["experiment"])
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    (parent,) = client.search_runs([exp.experiment_id], filter_string="tags.`pipeline.parent` = 'true'")
+    assert set(parent.data.params) == set(tracking.flatten("", cfg))  # every params.yaml key, flattened
+    assert parent.data.params["train.phase1.lr"] == str(cfg.train.phase1.lr)
+    stages = client.search_runs([exp.experiment_id], filter_string="tags.`pipeline.stage` != ''")
+    assert parent.info.status == "FINISHED"
+    assert parent.info.end_time >= max(r.info.end_time for r in stages) and parent.info.end_time - parent.info.start_time >= 600
+
+
+def test_runs_table_link_opens_the_model_training_view():
+    assert tracking.runs_table_url("http://localhost:5000/", "7") == (
+        "http://localhost:5000/#/experiments/7/runs?workflowType=machine_learning"
+    )
+
+
+@pytest.mark.parametrize(("uri", "says"), [
+    ("postgresql://team:secret@127.0.0.1:9/mlflow", "tracking.uri = postgresql://team:***@127.0.0.1:9/mlflow: database not reachable"),
+    ("http://127.0.0.1:9", "tracking.uri = http://127.0.0.1:9: MLflow server not reachable"),
+    ("mssql://u@h/db", "database driver 'pyodbc' is not installed"),
+    ("gopher://x", "unknown scheme 'gopher'"),
+])
+def test_unusable_tracking_url_is_one_line_naming_the_key(uri, says, write_params, tmp_path):
+    params = write_params({"tracking": {"uri": uri}})
+    proc = subprocess.run([sys.executable, "-m", "pipeline.chunk", "--params", str(params)], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0] and "secret" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.slow
+def test_concurrent_writers_share_one_sqlite_store(tmp_path):
+    """Three processes log two stages each into one new sqlite store at once: no 'database is locked'."""
+    script = (
+        "import os, sys; from pipeline import config, tracking\n"
+        "os.environ['DVC_EXP_NAME'] = sys.argv[1]\n"
+        "cfg = config.from_dict({})\n"
+        "for stage in ('fetch', 'chunk'):\n"
+        "    with tracking.stage_run(cfg, stage) as mlflow:\n"
+        "        for i in range(40):\n"
+        "            mlflow.log_metrics({'a': float(i), 'b': float(i)}, step=i)\n"
+    )
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'shared.db'}", "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-c", script, f"exp-{i}"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
+             for i in range(3)]
+    for proc in procs:
+        assert proc.wait(timeout=300) == 0, proc.stderr.read()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'shared.db'}")
+    exp = client.get_experiment_by_name("sevir-nowcasting")
+    parents = client.search_runs([exp.experiment_id], filter_string="tags.`pipeline.parent` = 'true'")
+    assert sorted(r.info.run_name for r in parents) == ["exp-0", "exp-1", "exp-2"]
+    stages = client.search_runs([exp.experiment_id], filter_string="tags.`pipeline.stage` != ''")
+    assert len(stages) == 6 and all(len(client.get_metric_history(r.info.run_id, "a")) == 40 for r in stages)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -80,9 +81,7 @@ def evaluate(dataset: WindowDataset, forecasters: dict[str, Forecaster], evaluat
     n_batches = len(loader) if not evaluate_cfg.max_batches else min(len(loader), evaluate_cfg.max_batches)
     accumulators = {name: ScoreAccumulator.from_config(evaluate_cfg, out_len, device) for name in forecasters}
     heavy: list[torch.Tensor] = []
-    for i, batch in enumerate(tqdm(loader, total=n_batches, desc="evaluate", unit="batch", leave=False)):
-        if i >= n_batches:
-            break
+    for batch in tqdm(islice(loader, n_batches), total=n_batches, desc="evaluate", unit="batch", leave=False):
         inputs = batch["inputs"].to(device, non_blocking=True)  # (B, T_in, 1, H, W) uint8
         targets = batch["targets"].to(device, non_blocking=True)  # (B, T_out, 1, H, W) uint8
         for name, forecaster in forecasters.items():

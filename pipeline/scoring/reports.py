@@ -227,6 +227,7 @@ def plot_gallery(path: Path, examples: dict[str, Any], leads: Sequence[int], tit
 
     ``examples`` as returned by :func:`pipeline.scoring.evaluation.forecast_examples` (0-255 numpy).
     ``leads`` are 1-based lead indices; labels are in minutes (input frames: minutes before the origin).
+    ``titles`` name the windows (a short line or two, drawn in the label column).
     """
     if examples["inputs"] is None:
         return None
@@ -246,7 +247,9 @@ def plot_gallery(path: Path, examples: dict[str, Any], leads: Sequence[int], tit
     for w in range(n_windows):
         base = w * (1 + len(rows))
         label = titles[w] if w < len(titles) else f"window {w}"
-        _row_label(axes[base, 0], f"{label}\ninputs")
+        _row_label(axes[base, 0], "inputs", y=0.35)  # below the window's name
+        axes[base, 0].text(0.95, 1.0, label, ha="right", va="top", fontsize=8, fontweight="bold",
+                           transform=axes[base, 0].transAxes)  # fmt: skip
         for c in range(n_cols):
             ax = axes[base, c + 1]
             ax.axis("off")
@@ -263,7 +266,12 @@ def plot_gallery(path: Path, examples: dict[str, Any], leads: Sequence[int], tit
                     image = ax.imshow(frames[w, leads[c] - 1], cmap=cmap, norm=norm, interpolation="nearest")
                     if r == 1:
                         ax.set_title(f"+{leads[c] * FRAME_MINUTES} min", fontsize=8)
-    fig.subplots_adjust(left=0.01, right=0.88, top=0.97, bottom=0.02, wspace=0.04, hspace=0.18)
+    fig.subplots_adjust(left=0.01, right=0.88, top=0.97, bottom=0.02, wspace=0.04, hspace=0.22)
+    for w in range(1, n_windows):  # a rule between windows
+        top = axes[w * (1 + len(rows)) - 1, 1].get_position().y0
+        below = axes[w * (1 + len(rows)), 1].get_position().y1
+        y = top - 0.15 * (top - below)  # just under the block above, clear of the next titles
+        fig.add_artist(plt.Line2D([0.01, 0.87], [y, y], color="0.6", lw=0.8))
     cax = fig.add_axes((0.90, 0.2, 0.018, 0.6))
     bar = fig.colorbar(image, cax=cax, extend="neither", ticks=VIL_LEVELS)
     bar.set_label("VIL (0-255 scale)")
@@ -271,9 +279,9 @@ def plot_gallery(path: Path, examples: dict[str, Any], leads: Sequence[int], tit
     return _save(fig, Path(path))
 
 
-def _row_label(ax: Any, text: str) -> None:
+def _row_label(ax: Any, text: str, y: float = 0.5) -> None:
     ax.axis("off")
-    ax.text(0.95, 0.5, text, ha="right", va="center", fontsize=8, transform=ax.transAxes)
+    ax.text(0.95, y, text, ha="right", va="center", fontsize=8, transform=ax.transAxes)
 
 
 # -------------------------------------------------------------------- summary

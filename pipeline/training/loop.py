@@ -296,12 +296,26 @@ class Trainer:
         # ----- wrappers (after loading weights)
         self.train_model: nn.Module = self.model
         if self.dist.enabled:
-            find_unused = self.two_step and self.pcfg.align and bool(self.model.phase2_unused_parameters())
+            find_unused = bool(self._unused_trainable())
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.train_model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids,
                                                                    find_unused_parameters=find_unused)  # fmt: skip
         if cfg.train.compile:
             self.train_model = torch.compile(self.train_model)
+
+    def _step_phases(self) -> tuple[int, ...]:
+        """The forward paths a batch takes: (1, 2) phase-1 + alignment, (1,) phase-1 only, (2,) otherwise."""
+        if self.two_step:
+            return (1, 2) if self.pcfg.align else (1,)
+        return (2,)
+
+    def _unused_trainable(self) -> list[str]:
+        """Trainable parameters that some step of a batch leaves without a gradient (DDP's
+        ``find_unused_parameters``): e.g. the bank in the alignment step, one memory encoder per phase."""
+        unused: set[str] = set()
+        for step_phase in self._step_phases():
+            unused.update(self.model.unused_parameters(step_phase))
+        return [n for n, p in self.model.named_parameters() if n in unused and p.requires_grad]
 
     # ------------------------------------------------------------------------------ checkpoints
     @property
@@ -641,7 +655,7 @@ class Trainer:
         sample = train_ds[0]
         snapshot = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         optimizer = build_optimizer(self.model, self.pcfg, exclude=self.frozen)
-        steps = (1, 2) if self.two_step and self.pcfg.align else ((1,) if self.two_step else (2,))
+        steps = self._step_phases()
 
         def try_step(b: int) -> None:
             batch = to_device({k: v.unsqueeze(0).expand(b, *v.shape).contiguous() for k, v in sample.items()},

@@ -1,6 +1,6 @@
 """Per-phase training reports for DVC: metrics JSON, per-epoch curve CSV (DVC plots), loss-curve PNG.
 
-    reports/train_phase{N}.json        best key/score/epoch, epochs run, the last epoch's metrics
+    reports/train_phase{N}.json        best key/score/epoch, epochs run, the last epoch's headline metrics
     reports/train_phase{N}_curve.csv   one row per epoch: epoch, train_loss, val_loss, lr, ...
     reports/train_phase{N}_loss.png    train and validation loss against epoch
 
@@ -18,6 +18,9 @@ from typing import Any
 
 CURVE_COLUMNS = ("epoch", "train.loss", "train.loss_phase1", "train.loss_align", "val.loss", "val.mse", "val.mae",
                  "val.csi_m", "lr", "samples_per_s")  # fmt: skip
+
+
+SUMMARY_KEYS = ("train.loss", "val.loss", "val.mse", "val.csi_m", "lr", "samples_per_s", "gpu_mem_peak_mib")
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -39,7 +42,9 @@ def write_reports(result: Any, phase: int, reports_dir: Path, *, stage_seconds: 
         "epochs": len(history),
         "stopped_early": result.stopped_early,
         "batch_size": result.batch_size,
-        "last": {k: v for k, v in last.items() if k != "epoch"},
+        # the last epoch's headline figures (the whole curves are in the CSV and in MLflow): few
+        # keys, so `dvc exp show` stays readable
+        "last": {k: last[k] for k in SUMMARY_KEYS if k in last},
     }
     if stage_seconds is not None:
         summary["stage_seconds"] = stage_seconds

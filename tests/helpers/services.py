@@ -11,6 +11,7 @@ import glob
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -100,6 +101,7 @@ def mlflow_server(backend_uri: str, base: Path, timeout_s: float = 120) -> Itera
         [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend_uri,
          "--artifacts-destination", artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
         stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+        start_new_session=True,  # its own process group: the server's workers and job consumers stop with it
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -115,10 +117,13 @@ def mlflow_server(backend_uri: str, base: Path, timeout_s: float = 120) -> Itera
             time.sleep(0.5)
         yield url
     finally:
-        proc.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         try:
             proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+            pass
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group is still there
+        proc.wait(timeout=10)
         log.close()
