@@ -29,8 +29,9 @@ not shifted, so the count is ``floor((T' - L) / stride) - ceil((M - L) / stride)
 :func:`window_starts` is the one rule (on T'); :func:`kept_frames` gives T'.
 
 Events are streamed: grouped by file, in ``file_index`` order, ``chunk_events`` at a time into
-reused buffers, so memory stays at a few events whatever the file size. A second thread turns
-event n time-major while the main thread writes event n-1. Everything is written into a temporary
+reused buffers, so memory stays at a few events whatever the file size. A worker thread turns
+event n time-major and counts its pixels (:mod:`pipeline.sevir.kernels`, without the GIL) while
+the main thread writes event n-1 and reads event n+1. Everything is written into a temporary
 directory that replaces ``windows.root`` only at the end (:func:`pipeline.sevir.atomic_dir`);
 temporary directories left by a killed run are removed by the next run (:func:`sweep_stale_tmp`).
 """
@@ -62,6 +63,7 @@ from tqdm import tqdm
 from pipeline import sevir
 from pipeline.config import SplitConfig, WindowsConfig
 from pipeline.errors import DataError
+from pipeline.sevir import kernels
 
 log = logging.getLogger("pipeline.sevir.windows")
 
@@ -70,12 +72,6 @@ SCALE_NOTE = "uint8 0-255; divide by 255"
 TIME_UNITS = "seconds since 1970-01-01 00:00:00 UTC"
 # Coarse intensity bins for the stats: the standard VIL thresholds are the edges.
 HIST_EDGES = (0, *sevir.VIL_THRESHOLDS, 256)
-# Pixels per tile of the (H*W, T) -> (T, H*W) transpose: 512 x 49 bytes = 25 KB in and out, both in
-# L1/L2. Measured at 384x384x49: 512 ~2.7 ms, 256 ~3.3, 2048 ~3.5, one np.copyto ~8 (CPU ms, median).
-_TRANSPOSE_TILE = 512
-# Values per block of the stats count (256 KB, and its 256 KB mask, stay in L2): measured at
-# 384x384x49, 64K ~9 ms, 256K ~8, whole array ~16 (CPU ms, median, on a loaded 2-core machine).
-_STATS_BLOCK = 1 << 18
 
 
 # ------------------------------------------------------------------ the window grid
@@ -141,20 +137,7 @@ def downsample(frames: np.ndarray, factor: int) -> np.ndarray:
     return total.astype(np.uint8)
 
 
-def to_time_major(event: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """One event from SEVIR's (H, W, T) layout to (T, H, W), the layout windows are read in.
-
-    ``event`` may be a strided view (e.g. a frame range of a larger buffer). Copies tile by
-    tile so each tile's source and destination stay in cache (~3x faster than one
-    ``np.copyto(out, event.transpose(2, 0, 1))`` at 384x384x49).
-    """
-    h, w, t = event.shape
-    out = np.empty((t, h, w), dtype=event.dtype) if out is None else out
-    src = event.reshape(h * w, t)  # a view whenever H and W are not themselves strided
-    dst = out.reshape(t, h * w)
-    for i in range(0, h * w, _TRANSPOSE_TILE):
-        dst[:, i : i + _TRANSPOSE_TILE] = src[i : i + _TRANSPOSE_TILE].T
-    return out
+to_time_major = kernels.to_time_major  # one event (H, W, T) -> (T, H, W); see pipeline.sevir.kernels
 
 
 # ------------------------------------------------------------------------ the stats
@@ -168,10 +151,9 @@ class SplitStats:
     pixels: int = 0
     at_least: np.ndarray = field(default_factory=lambda: np.zeros(len(sevir.VIL_THRESHOLDS), np.int64))
 
-    def add_pixels(self, frames: np.ndarray, scratch: np.ndarray | None = None) -> None:
-        """Count ``frames`` (uint8, C-contiguous) in; ``scratch``, a bool array of at least
-        :data:`_STATS_BLOCK` elements, saves an allocation."""
-        self.add_counts(*count_pixels(frames, scratch))
+    def add_pixels(self, frames: np.ndarray) -> None:
+        """Count ``frames`` (uint8, C-contiguous) in."""
+        self.add_counts(*count_pixels(frames))
 
     def add_counts(self, pixels: int, at_least: np.ndarray) -> None:
         """Add what :func:`count_pixels` counted."""
@@ -195,25 +177,11 @@ class SplitStats:
         return metrics
 
 
-def count_pixels(frames: np.ndarray, scratch: np.ndarray | None = None) -> tuple[int, np.ndarray]:
-    """``(pixels, at_least)``: how many values ``frames`` holds and how many are >= each of
-    :data:`sevir.VIL_THRESHOLDS`. Exact.
-
-    A compare and a count per threshold, over blocks of :data:`_STATS_BLOCK` values so that each
-    block is compared six times while it sits in the L2 cache: ~2x faster than whole-array passes
-    on a 7 MB event, ~10x faster than np.bincount (which widens every byte to int64).
-    """
-    flat = frames.reshape(-1)  # a view for the C-contiguous frames chunk hands over
-    if scratch is None or scratch.size < min(flat.size, _STATS_BLOCK):
-        scratch = np.empty(min(flat.size, _STATS_BLOCK), bool)
-    scratch = scratch.reshape(-1)
-    counts = [0] * len(sevir.VIL_THRESHOLDS)
-    for start in range(0, flat.size, _STATS_BLOCK):
-        block = flat[start : start + _STATS_BLOCK]
-        mask = scratch[: block.size]
-        for k, threshold in enumerate(sevir.VIL_THRESHOLDS):
-            counts[k] += np.count_nonzero(np.greater_equal(block, threshold, out=mask))
-    return flat.size, np.array(counts, np.int64)
+def count_pixels(frames: np.ndarray) -> tuple[int, np.ndarray]:
+    """``(pixels, at_least)``: how many values ``frames`` (uint8, C-contiguous) holds and how many
+    are >= each of :data:`sevir.VIL_THRESHOLDS`. Exact, in one call without the GIL
+    (:func:`pipeline.sevir.kernels.count_at_least`)."""
+    return frames.size, kernels.count_at_least(frames, sevir.VIL_THRESHOLDS)
 
 
 # ---------------------------------------------------------------------- the writer
@@ -412,8 +380,6 @@ def read_block(vil: sevir.VilFile, start: int, stop: int, out: np.ndarray) -> np
     return block
 
 
-
-
 def read_events(events: pd.DataFrame, files: dict[str, FileInfo], chunk_events: int,
                 buffers: list[np.ndarray]) -> Iterator[tuple[ReadBatch, np.ndarray]]:  # fmt: skip
     """Stream ``(batch, vil)`` with ``vil`` (n, H, W, T) uint8, n <= chunk_events; one open file at a time.
@@ -485,9 +451,10 @@ def prepare_events(stream: Iterator[tuple[ReadBatch, np.ndarray]], grids: dict[s
     ``stats``; valid until the next item is requested.
 
     Up to ``workers`` events ahead are prepared in ``pool`` (that many threads) while the caller
-    writes the current one and the stream reads the next: numpy releases the GIL in these copies
-    and comparisons, and so does the plain-bytes read (:meth:`sevir.VilFile.contiguous`), so with
-    free cores the preparation overlaps the I/O fully. The stream's read buffers must outlast
+    writes the current one and the stream reads the next. Preparing an event is two calls that
+    release the GIL for their whole run (:mod:`pipeline.sevir.kernels`), and so does the
+    plain-bytes read (:meth:`sevir.VilFile.contiguous`), so with a free core the preparation
+    overlaps the I/O. The stream's read buffers must outlast
     ``workers + 1`` batches. ``workers + 1`` frame buffers rotate; all buffers are reused, so no
     fresh pages are faulted in per event. Stats are added here, in order, from each event's counts.
     """
@@ -523,11 +490,12 @@ def _prepare(raw: np.ndarray, factor: int, grid: Grid, out: np.ndarray) -> tuple
 
 def prepare_workers(windows: WindowsConfig) -> int:
     """Threads preparing events: ``windows.workers``, or by default one per CPU beyond the one that
-    reads and writes, at least 2 (the main thread waits on I/O part of the time; measured on 2 CPUs,
-    2 workers ~12% faster than 1) and at most 4 (enough to keep up with the I/O at 384x384)."""
+    reads and writes, 1 to 4. Each event is two calls that run without the GIL (transpose, count),
+    so one worker keeps up with the I/O at 384x384 when it has a core of its own; measured on 2
+    CPUs, a second worker only competes with the reader for the cores (~5% slower)."""
     if windows.workers is not None:
         return windows.workers
-    return max(2, min(4, (os.cpu_count() or 2) - 1))
+    return max(1, min(4, (os.cpu_count() or 2) - 1))
 
 
 # ------------------------------------------------------------- leftovers of killed runs

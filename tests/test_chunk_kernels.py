@@ -1,0 +1,112 @@
+"""The per-pixel kernels of stage chunk (pipeline.sevir.kernels) against plain numpy."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from pipeline import sevir
+from pipeline.sevir import kernels
+
+
+def reference_counts(values: np.ndarray, thresholds) -> list[int]:
+    return [int(np.count_nonzero(values >= t)) for t in thresholds]
+
+
+def test_counts_every_byte_value_in_every_byte_position_for_every_threshold():
+    # Each of the 256 values sits in each of the 8 byte lanes of a word, next to every other lane value:
+    # a carry or a lane mix-up in the word arithmetic shows up as a wrong count.
+    values = np.arange(256, dtype=np.uint8)
+    words = np.stack([np.roll(values, k) for k in range(8)], axis=1).reshape(-1)  # 2048 bytes
+    words = np.concatenate([words, words[::-1], np.repeat(values, 9)])
+    aligned = np.empty(words.size + 8, np.uint8)[:-8]  # np.empty is 8-byte aligned
+    aligned[:] = words
+    thresholds = list(range(1, 256))
+    np.testing.assert_array_equal(kernels.count_at_least(aligned, thresholds), reference_counts(aligned, thresholds))
+
+
+@pytest.mark.parametrize("offset", range(8))
+@pytest.mark.parametrize("size", [0, 1, 7, 8, 15, 255 * 8, 255 * 8 + 3, 4099])
+def test_counts_unaligned_and_ragged_sizes(offset, size):
+    rng = np.random.default_rng(size * 8 + offset)
+    buffer = rng.integers(0, 256, size + offset, dtype=np.uint8)
+    values = buffer[offset:]  # starts `offset` bytes past an aligned address
+    thresholds = sevir.VIL_THRESHOLDS
+    np.testing.assert_array_equal(kernels.count_at_least(values, thresholds), reference_counts(values, thresholds))
+
+
+def test_counts_vil_like_frames_and_non_contiguous_input():
+    rng = np.random.default_rng(3)
+    frames = rng.integers(0, 256, (7, 96, 80), dtype=np.uint8)
+    frames[frames < 140] = 0  # mostly dry, like VIL
+    frames[0] = 255  # long runs of one value overflow a byte lane if lanes are not folded
+    np.testing.assert_array_equal(kernels.count_at_least(frames, sevir.VIL_THRESHOLDS),
+                                  reference_counts(frames, sevir.VIL_THRESHOLDS))  # fmt: skip
+    strided = frames[:, ::3]
+    np.testing.assert_array_equal(kernels.count_at_least(strided, sevir.VIL_THRESHOLDS),
+                                  reference_counts(strided, sevir.VIL_THRESHOLDS))  # fmt: skip
+
+
+def test_counts_more_thresholds_than_one_kernel_call_holds():
+    values = np.random.default_rng(4).integers(0, 256, 10_001, dtype=np.uint8)
+    thresholds = [200, 1, 16, 128, 129, 255, 74, 74, 3]  # unsorted, repeated, 9 > 6
+    np.testing.assert_array_equal(kernels.count_at_least(values, thresholds), reference_counts(values, thresholds))
+
+
+def test_rejects_other_dtypes_and_thresholds_outside_uint8():
+    with pytest.raises(TypeError, match="uint8"):
+        kernels.count_at_least(np.zeros(8, np.int16), [1])
+    with pytest.raises(ValueError, match="1..255"):
+        kernels.count_at_least(np.zeros(8, np.uint8), [0])
+    with pytest.raises(ValueError, match="1..255"):
+        kernels.count_at_least(np.zeros(8, np.uint8), [256])
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        lambda e: e,  # a whole event
+        lambda e: e[:, :, 2:7],  # the stored frame range: rows of the (H*W, T) matrix T' bytes apart
+        lambda e: e[:, :, ::2],  # frame_step 2: frames not at unit stride (the numpy path)
+        lambda e: e[:, :, 3:4],  # one frame
+        lambda e: e[::2, :, :],  # strided rows (H itself strided)
+    ],
+)
+def test_time_major_matches_numpy_transpose(view):
+    event = np.random.default_rng(1).integers(0, 256, (70, 50, 9), dtype=np.uint8)  # H*W not a tile multiple
+    src = view(event)
+    expected = src.transpose(2, 0, 1)
+    np.testing.assert_array_equal(kernels.to_time_major(src), expected)
+    out = np.full(expected.shape, 7, np.uint8)
+    assert kernels.to_time_major(src, out=out) is out
+    np.testing.assert_array_equal(out, expected)
+
+
+def test_time_major_rejects_a_wrong_out_buffer():
+    event = np.zeros((4, 4, 3), np.uint8)
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernels.to_time_major(event, out=np.empty((4, 4, 3), np.uint8))
+    with pytest.raises(ValueError, match="C-contiguous"):
+        kernels.to_time_major(event, out=np.empty((3, 4, 8), np.uint8)[:, :, :4])
+
+
+def test_kernels_run_concurrently_from_threads():
+    # The stage calls both from a thread pool; results must not depend on what other threads do.
+    rng = np.random.default_rng(5)
+    events = [rng.integers(0, 256, (64, 48, 11), dtype=np.uint8) for _ in range(8)]
+    results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+
+    def work(i: int) -> None:
+        frames = kernels.to_time_major(events[i])
+        results[i] = (frames, kernels.count_at_least(frames, sevir.VIL_THRESHOLDS))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(events))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, event in enumerate(events):
+        np.testing.assert_array_equal(results[i][0], event.transpose(2, 0, 1))
+        np.testing.assert_array_equal(results[i][1], reference_counts(event, sevir.VIL_THRESHOLDS))
