@@ -6,11 +6,14 @@ writes it. Reading and writing are I/O; the two steps in between are per-pixel C
 single calls here that run without the GIL, so the worker thread doing them is never held up by
 the main thread's reads and writes:
 
-- :func:`to_time_major` is OpenCV's blocked transpose, one call per event (~2.3 ms at
-  384x384x49, against ~3 ms for 288 tiled numpy copies that each take the GIL);
+- :func:`to_time_major` is OpenCV's transpose, one call per event (~2.3 ms at 384x384x49,
+  against ~3 ms for 288 tiled numpy copies that each take the GIL, ~13 ms for one np.copyto;
+  a plain numba loop runs into L1 set conflicts, the output rows being 36 x 4 KiB apart);
 - :func:`count_at_least` counts bytes at or above each threshold with a numba kernel that
   compares 8 bytes at a time in 64-bit words (SWAR) and sums per-byte bits in the word
-  (~1.6 ms for six thresholds, against ~3.7 ms for blocked numpy compare-and-count passes).
+  (~1.6 ms for the six VIL thresholds, against ~3.7 ms for blocked numpy compare-and-count
+  passes and ~8 ms for whole-array ones). numba is imported on the first count (~0.5 s per
+  process with its compiled code cached in ``__pycache__``; ~1.5 s the first time).
 
 Both are exact; ``tests/test_chunk_kernels.py`` checks them against plain numpy on every byte
 value, in every byte position of a word, on unaligned and strided input.
@@ -23,18 +26,20 @@ import functools
 import numpy as np
 
 _ONES = 0x0101010101010101  # 1 in every byte of a 64-bit word
-_HIGH = 0x8080808080808080  # the high bit of every byte
-_GROUP = 6  # thresholds per kernel call: six accumulators stay in registers
+# Thresholds per kernel call: up to two at or below 128 and four above, the shape of the six VIL
+# thresholds (16, 74 | 133, 160, 181, 219); six accumulators stay in registers.
+_LOW, _HIGH_SLOTS = 2, 4
 
 
-def _count_words(words: np.ndarray, adds: np.ndarray, either: np.ndarray, both: np.ndarray) -> np.ndarray:
-    """Bytes >= t_k in ``words`` (uint64) for six thresholds, given per-threshold word constants.
+def _count_words(words: np.ndarray, low0: np.uint64, low1: np.uint64, high0: np.uint64, high1: np.uint64,
+                 high2: np.uint64, high3: np.uint64) -> np.ndarray:  # fmt: skip
+    """Bytes >= t in ``words`` (uint64) for two thresholds t <= 128 and four t > 128, given as
+    the per-byte word constants of :func:`_constant`; returns the six counts in that order.
 
-    Per byte b, with lo = b & 127: ``lo + (128 - t')`` has its high bit set iff lo >= t'. For
-    t <= 128 (t' = t) the byte counts if that bit or b's own high bit is set (``either`` = the
-    high bits, ``both`` = all ones); for t > 128 (t' = t - 128) both must be set (``either`` = 0,
-    ``both`` = 0, so ``w | both`` keeps b's high bit only). No carry crosses a byte: lo + add <= 255.
-    Each byte lane of an accumulator gains at most 1 per word, so lanes are folded every 255 words.
+    Per byte b, with lo = b & 127 and hi = b & 128: ``lo + (128 - t')`` has its high bit set iff
+    lo >= t'. For t <= 128 (t' = t), b >= t iff that bit or hi is set; for t > 128 (t' = t - 128),
+    iff both are. No carry crosses a byte (lo + 128 - t' <= 255). An accumulator gains at most 1
+    per byte lane per word, so the eight lanes are summed every 255 words, before one overflows.
     """
     high = np.uint64(0x8080808080808080)
     low7 = np.uint64(0x7F7F7F7F7F7F7F7F)
@@ -42,9 +47,6 @@ def _count_words(words: np.ndarray, adds: np.ndarray, either: np.ndarray, both: 
     m16 = np.uint64(0x0000FFFF0000FFFF)
     m32 = np.uint64(0x00000000FFFFFFFF)
     seven, s8, s16, s32 = np.uint64(7), np.uint64(8), np.uint64(16), np.uint64(32)
-    d0, d1, d2, d3, d4, d5 = adds[0], adds[1], adds[2], adds[3], adds[4], adds[5]
-    e0, e1, e2, e3, e4, e5 = either[0], either[1], either[2], either[3], either[4], either[5]
-    b0, b1, b2, b3, b4, b5 = both[0], both[1], both[2], both[3], both[4], both[5]
     out = np.zeros(6, np.int64)
     n = words.size
     for start in range(0, n, 255):
@@ -53,12 +55,13 @@ def _count_words(words: np.ndarray, adds: np.ndarray, either: np.ndarray, both: 
         for i in range(start, stop):
             w = words[i]
             lo = w & low7
-            a0 += ((((lo + d0) | (w & e0)) & (w | b0)) & high) >> seven
-            a1 += ((((lo + d1) | (w & e1)) & (w | b1)) & high) >> seven
-            a2 += ((((lo + d2) | (w & e2)) & (w | b2)) & high) >> seven
-            a3 += ((((lo + d3) | (w & e3)) & (w | b3)) & high) >> seven
-            a4 += ((((lo + d4) | (w & e4)) & (w | b4)) & high) >> seven
-            a5 += ((((lo + d5) | (w & e5)) & (w | b5)) & high) >> seven
+            hi = w & high
+            a0 += (((lo + low0) | hi) & high) >> seven
+            a1 += (((lo + low1) | hi) & high) >> seven
+            a2 += ((lo + high0) & hi) >> seven
+            a3 += ((lo + high1) & hi) >> seven
+            a4 += ((lo + high2) & hi) >> seven
+            a5 += ((lo + high3) & hi) >> seven
         k = 0
         for a in (a0, a1, a2, a3, a4, a5):  # sum the eight byte lanes (each <= 255)
             a = (a & m8) + ((a >> s8) & m8)
@@ -78,14 +81,9 @@ def _count_kernel():
     return numba.njit(nogil=True, cache=True)(_count_words)
 
 
-def _constants(thresholds: list[int]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    adds, either, both = [], [], []
-    for t in thresholds:
-        low = t <= 128
-        adds.append((128 - (t if low else t - 128)) * _ONES)
-        either.append(_HIGH if low else 0)
-        both.append(0xFFFFFFFFFFFFFFFF if low else 0)
-    return tuple(np.array(v, np.uint64) for v in (adds, either, both))  # type: ignore[return-value]
+def _constant(t: int) -> np.uint64:
+    """The word added to ``lo`` for threshold ``t``: 128 - t' in every byte (t' = t, or t - 128 above 128)."""
+    return np.uint64((128 - (t if t <= 128 else t - 128)) * _ONES)
 
 
 def count_at_least(values: np.ndarray, thresholds: tuple[int, ...] | list[int]) -> np.ndarray:
@@ -102,10 +100,17 @@ def count_at_least(values: np.ndarray, thresholds: tuple[int, ...] | list[int]) 
     body = flat[head : head + 8 * n_words].view(np.uint64)
     edges = np.concatenate([flat[:head], flat[head + 8 * n_words :]])  # < 16 bytes, counted by numpy
     counts = np.zeros(len(thresholds), np.int64)
-    for g in range(0, len(thresholds), _GROUP):
-        group = thresholds[g : g + _GROUP]
-        padded = group + [group[-1]] * (_GROUP - len(group))
-        counts[g : g + len(group)] = _count_kernel()(body, *_constants(padded))[: len(group)]
+    low = [k for k, t in enumerate(thresholds) if t <= 128]
+    high = [k for k, t in enumerate(thresholds) if t > 128]
+    kernel = _count_kernel()
+    while low or high:  # one call for the VIL thresholds; more (padded) calls for other sets
+        lows, low = low[:_LOW], low[_LOW:]
+        highs, high = high[:_HIGH_SLOTS], high[_HIGH_SLOTS:]
+        consts = [_constant(thresholds[k]) for k in lows] + [_constant(1)] * (_LOW - len(lows))
+        consts += [_constant(thresholds[k]) for k in highs] + [_constant(255)] * (_HIGH_SLOTS - len(highs))
+        got = kernel(body, *consts)
+        counts[lows] = got[: len(lows)]
+        counts[highs] = got[_LOW : _LOW + len(highs)]
     counts += [np.count_nonzero(edges >= t) for t in thresholds]
     return counts
 
