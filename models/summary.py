@@ -66,7 +66,7 @@ def describe(cfg: ModelConfig, source: str) -> str:
         f"depths_down {cfg.depths_down}, depths_up {cfg.depths_up}, heads {cfg.heads}, "
         f"convlstm.hidden {cfg.convlstm.hidden}, memory {cfg.memory.slots} x {cfg.memory.dim} "
         f"(read {cfg.memory.read}, fusion {cfg.memory.fusion}, encoders {cfg.memory.encoders}), "
-        f"skips {str(cfg.skips).lower()}, head {cfg.head}, pos {cfg.pos}."
+        f"skips {str(cfg.skips).lower()}, head {cfg.head}, residual {str(cfg.residual).lower()}, pos {cfg.pos}."
     )
 
 

@@ -435,6 +435,19 @@ def test_summary_prints_and_writes_a_row_per_model(tmp_path, capsys) -> None:  #
     assert printed in out.read_text()
 
 
+def test_committed_params_md_is_current(repo_root, tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # models/PARAMS.md is generated; a default changed in params.yaml must be regenerated with it.
+    from pipeline.summary import main as pipeline_summary
+
+    out = tmp_path / "PARAMS.md"
+    monkeypatch.chdir(repo_root)  # the header names the params file as given: `params.yaml`
+    pipeline_summary(["--markdown", str(out)])
+    fresh = [line for line in out.read_text().splitlines() if not line.startswith("Written by")]
+    committed = [line for line in (repo_root / "models" / "PARAMS.md").read_text().splitlines()
+                 if not line.startswith("Written by")]  # fmt: skip
+    assert fresh == committed, "models/PARAMS.md is stale: run python -m pipeline.summary --markdown models/PARAMS.md"
+
+
 def test_summary_counts_a_preset(repo_root, capsys) -> None:  # type: ignore[no-untyped-def]
     assert summary_main(["--preset", str(repo_root / "presets" / "reference_sevir.yaml")]) == 0
     printed = capsys.readouterr().out
