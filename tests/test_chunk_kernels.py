@@ -110,3 +110,36 @@ def test_kernels_run_concurrently_from_threads():
     for i, event in enumerate(events):
         np.testing.assert_array_equal(results[i][0], event.transpose(2, 0, 1))
         np.testing.assert_array_equal(results[i][1], reference_counts(event, sevir.VIL_THRESHOLDS))
+
+
+@pytest.mark.parametrize(
+    ("shape", "frames", "rows"),
+    [
+        ((96, 128, 49), slice(0, 49), (0, 49)),  # tiles of 8192 pixels and a partial last one
+        ((96, 128, 49), slice(6, 43), (5, 30)),  # a stored frame range; counted rows inside it
+        ((96, 128, 49), slice(0, 49), (7, 7)),  # nothing to count
+        ((70, 50, 9), slice(2, 9), (0, 7)),  # H*W = 3500, not a multiple of 8: the two-call fallback
+        ((384, 384, 13), slice(0, 13), (1, 12)),  # real SEVIR frame size
+    ],
+)
+def test_time_major_counts_matches_transpose_then_count(shape, frames, rows):
+    rng = np.random.default_rng(sum(shape))
+    event = rng.integers(0, 256, shape, dtype=np.uint8)
+    event[event < 120] = 0
+    src = event[:, :, frames]
+    out = np.full((src.shape[2], *shape[:2]), 9, np.uint8)
+    counts = kernels.time_major_counts(src, out, rows, sevir.VIL_THRESHOLDS)
+    expected = src.transpose(2, 0, 1)
+    np.testing.assert_array_equal(out, expected)
+    np.testing.assert_array_equal(counts, reference_counts(expected[rows[0] : rows[1]], sevir.VIL_THRESHOLDS))
+
+
+def test_time_major_counts_with_a_frame_step_and_bad_rows():
+    event = np.random.default_rng(8).integers(0, 256, (64, 64, 25), dtype=np.uint8)
+    src = event[:, :, ::2]  # frames not at unit stride: numpy transpose, then the count
+    out = np.empty((13, 64, 64), np.uint8)
+    counts = kernels.time_major_counts(src, out, (2, 11), sevir.VIL_THRESHOLDS)
+    np.testing.assert_array_equal(out, src.transpose(2, 0, 1))
+    np.testing.assert_array_equal(counts, reference_counts(out[2:11], sevir.VIL_THRESHOLDS))
+    with pytest.raises(ValueError, match="outside"):
+        kernels.time_major_counts(src, out, (5, 14), sevir.VIL_THRESHOLDS)

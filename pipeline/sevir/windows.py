@@ -483,9 +483,11 @@ def prepare_events(stream: Iterator[tuple[ReadBatch, np.ndarray]], grids: dict[s
 
 def _prepare(raw: np.ndarray, factor: int, grid: Grid, out: np.ndarray) -> tuple[np.ndarray, tuple[int, np.ndarray]]:
     kept = downsample(raw[:, :, grid.raw_slice], factor)  # (h, w, F), a view when factor is 1
-    frames = to_time_major(kept, out=out[: grid.n_stored])  # (F, h, w)
-    lo = grid.starts[0] - grid.first  # the windows' frames; long-clip-only frames are not counted
-    return frames, count_pixels(frames[lo : grid.starts[-1] + grid.window_len - grid.first])
+    frames = out[: grid.n_stored]  # (F, h, w)
+    # The windows' frames are counted; frames only long clips use are not.
+    rows = (grid.starts[0] - grid.first, grid.starts[-1] + grid.window_len - grid.first)
+    at_least = kernels.time_major_counts(kept, frames, rows, sevir.VIL_THRESHOLDS)
+    return frames, (frames[rows[0] : rows[1]].size, at_least)
 
 
 def prepare_workers(windows: WindowsConfig) -> int:
