@@ -602,9 +602,10 @@ def _write_windows(raw_dir: Path, windows: WindowsConfig, split: SplitConfig, st
         for writer in writers.values():
             stack.callback(writer.h5.close)  # on error; a clean run closes (and warns on empty) below
         if grids:
-            # The workers may still be on events of the last `workers` batches while the next is read.
+            # Events of the last `workers` batches may still be prepared while the next is read into the
+            # buffer of the batch before them (prepare_events keeps at most `workers` events pending).
             workers = prepare_workers(windows)
-            read_buffers = [np.empty(windows.chunk_events * raw_h * raw_w * raw_t, np.uint8) for _ in range(workers + 2)]
+            read_buffers = [np.empty(windows.chunk_events * raw_h * raw_w * raw_t, np.uint8) for _ in range(workers + 1)]
             stream = stack.enter_context(closing(read_events(events, files, windows.chunk_events, read_buffers)))
             bar = stack.enter_context(
                 tqdm(total=len(events), unit="event", desc="chunk", disable=None if progress else True)
