@@ -86,16 +86,31 @@ def safe_join(root: Path, file_name: str, what: str = "file_name") -> Path:
 
 def read_catalog(root: Path) -> pd.DataFrame:
     """Read ``root/CATALOG.csv`` and check it has the columns a VIL pipeline needs."""
-    path = root / CATALOG_NAME
+    return read_catalog_file(
+        root / CATALOG_NAME,
+        missing="run the fetch stage (dvc repro fetch) or fix data.root",
+        unreadable="delete it and rerun fetch",
+        not_sevir=f"a SEVIR catalog has {', '.join(CATALOG_COLUMNS)}",
+    )
+
+
+def read_catalog_file(path: Path, *, missing: str, unreadable: str, not_sevir: str, as_text: bool = False) -> pd.DataFrame:
+    """A catalog CSV checked for the columns a VIL pipeline needs. Each failure is one DataError
+    line naming ``path`` and ending in the given fix: file ``missing``, ``unreadable`` as CSV,
+    columns missing (``not_sevir``). ``as_text`` keeps every value as written (strings, no NA
+    parsing), for catalogs that are written back row for row."""
     if not path.is_file():
-        raise DataError(f"{path}: catalog not found; run the fetch stage (dvc repro fetch) or fix data.root")
+        raise DataError(f"{path}: catalog not found; {missing}")
     try:
-        catalog = pd.read_csv(path, low_memory=False)
+        if as_text:
+            catalog = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
+        else:
+            catalog = pd.read_csv(path, low_memory=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not a readable CSV ({err}); delete it and rerun fetch") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in catalog.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; a SEVIR catalog has {', '.join(CATALOG_COLUMNS)}")
+        raise DataError(f"{path}: not a readable CSV ({err}); {unreadable}") from None
+    absent = [c for c in REQUIRED_COLUMNS if c not in catalog.columns]
+    if absent:
+        raise DataError(f"{path}: missing column(s) {', '.join(absent)}; {not_sevir}")
     return catalog
 
 

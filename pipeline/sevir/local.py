@@ -33,7 +33,7 @@ import pandas as pd
 
 from pipeline.config import LocalSource
 from pipeline.errors import DataError
-from pipeline.sevir.format import CATALOG_NAME, REQUIRED_COLUMNS, SOURCE_ROOT_NAME, atomic_dir, safe_join
+from pipeline.sevir.format import CATALOG_NAME, SOURCE_ROOT_NAME, atomic_dir, read_catalog_file, safe_join
 from pipeline.sevir.selection import join, select_vil_rows
 from pipeline.sevir.verify import verify_vil_files
 
@@ -45,17 +45,13 @@ PROBE_FILES = 32  # files looked up on disk to detect the layout
 
 def read_catalog_text(path: Path) -> pd.DataFrame:
     """A SEVIR catalog with every value kept as text (rows are written back unchanged)."""
-    if not path.is_file():
-        raise DataError(f"{path}: catalog not found; point data.local.path at the folder holding CATALOG.csv "
-                        "(for an `aws s3 sync s3://sevir DIR` copy: DIR)")  # fmt: skip
-    try:
-        catalog = pd.read_csv(path, dtype=str, keep_default_na=False, na_filter=False)
-    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
-        raise DataError(f"{path}: not a readable CSV ({err}); replace it with the bucket's CATALOG.csv") from None
-    missing = [c for c in REQUIRED_COLUMNS if c not in catalog.columns]
-    if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)}; not a SEVIR catalog")
-    return catalog
+    return read_catalog_file(
+        path,
+        as_text=True,
+        missing="point data.local.path at the folder holding CATALOG.csv (for an `aws s3 sync s3://sevir DIR` copy: DIR)",
+        unreadable="replace it with the bucket's CATALOG.csv",
+        not_sevir="not a SEVIR catalog",
+    )
 
 
 def detect_prefix(source: Path, file_names: list[str]) -> tuple[str, str]:

@@ -461,20 +461,29 @@ class _Fetcher:
                 self.policy.wait_or_give_up(obj.uri, err, failures)
         return data
 
-    def _read_range(self, obj: RemoteObject, start: int, end: int, into: bytearray, halt: threading.Event) -> None:
-        """One GET of bytes ``start:end``, appended to ``into``."""
-        request: dict[str, Any] = {"Bucket": obj.bucket, "Key": obj.key, "Range": f"bytes={start}-{end - 1}"}
+    def _get_object(self, obj: RemoteObject, byte_range: str | None) -> dict[str, Any]:
+        """GET this exact version of ``obj`` (If-Match its ETag), or ``byte_range`` of it; an object
+        that changed since it was listed raises the one-line error, whichever way the server says so."""
+        request: dict[str, Any] = {"Bucket": obj.bucket, "Key": obj.key}
         if obj.etag:
             request["IfMatch"] = f'"{obj.etag}"'
+        if byte_range:
+            request["Range"] = byte_range
         try:
             response = self.client.get_object(**request)
         except ClientError as err:
             if _status(err) == 412:
                 raise _changed(obj) from None
             raise
+        if obj.etag and str(response.get("ETag", "")).strip('"') not in ("", obj.etag):
+            response["Body"].close()
+            raise _changed(obj)
+        return response
+
+    def _read_range(self, obj: RemoteObject, start: int, end: int, into: bytearray, halt: threading.Event) -> None:
+        """One GET of bytes ``start:end``, appended to ``into``."""
+        response = self._get_object(obj, f"bytes={start}-{end - 1}")
         with closing(response["Body"]) as body:
-            if obj.etag and str(response.get("ETag", "")).strip('"') not in ("", obj.etag):
-                raise _changed(obj)
             if not response.get("ContentRange"):
                 raise _NoRanges()
             if _range_start(response["ContentRange"]) != start:
@@ -492,19 +501,7 @@ class _Fetcher:
 
     def _append_range(self, obj: RemoteObject, part: Path, offset: int, bar: tqdm, digest: StreamDigest) -> None:
         """One GET of bytes ``offset..`` of this exact object version, appended to ``part``."""
-        request: dict[str, Any] = {"Bucket": obj.bucket, "Key": obj.key}
-        if obj.etag:
-            request["IfMatch"] = f'"{obj.etag}"'
-        if offset:
-            request["Range"] = f"bytes={offset}-"
-        try:
-            response = self.client.get_object(**request)
-        except ClientError as err:
-            if _status(err) == 412:
-                raise _changed(obj) from None
-            raise
-        if obj.etag and str(response.get("ETag", "")).strip('"') not in ("", obj.etag):
-            raise _changed(obj)
+        response = self._get_object(obj, f"bytes={offset}-" if offset else None)
         mode = "ab"
         if offset and not response.get("ContentRange"):  # a server that ignores Range sends the whole object
             log.warning("%s: server ignored the Range request; restarting the file from byte 0", obj.uri)
