@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from tests.helpers.project import merge
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -29,20 +31,12 @@ def write_params(tmp_path: Path):
 
     def _write(overrides: dict | None = None, name: str = "params.yaml") -> Path:
         params = yaml.safe_load((REPO / "params.yaml").read_text())
-        _merge(params, overrides or {})
+        merge(params, overrides or {})
         path = tmp_path / name
         path.write_text(yaml.safe_dump(params, sort_keys=False))
         return path
 
     return _write
-
-
-def _merge(base: dict, extra: dict) -> None:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
 
 
 @pytest.fixture

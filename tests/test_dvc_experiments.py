@@ -17,6 +17,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
+from tests.helpers.project import copy_project, merge
 from tests.helpers.services import mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -55,25 +56,11 @@ TINY = {
 }
 
 
-def _merge(base: dict, extra: dict) -> None:
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            _merge(base[key], value)
-        else:
-            base[key] = value
-
-
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    dest = tmp_path_factory.mktemp("exp-project")
-    tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
-    for name in tracked.stdout.splitlines():
-        src = REPO / name
-        if src.is_file() and not name.startswith(("reports/", "dvc.lock")):
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
+    dest = copy_project(tmp_path_factory.mktemp("exp-project"), skip=("reports/", "dvc.lock"))
     params = yaml.safe_load((dest / "params.yaml").read_text())
-    _merge(params, TINY)
+    merge(params, TINY)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _git(dest, "init", "-q")
     _git(dest, "add", "-A")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from pipeline.sevir.dataset import WindowDataset
+from tests.helpers.project import copy_project
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -33,13 +33,7 @@ def _run(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A git clone-like copy of the tracked files, with a small synthetic sample configured."""
-    dest = tmp_path_factory.mktemp("project")
-    tracked = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True)
-    for name in tracked.stdout.splitlines():
-        src = REPO / name
-        if src.is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / name)
+    dest = copy_project(tmp_path_factory.mktemp("project"))
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params["data"]["synthetic"].update(n_events=12, size=128, events_per_file=6)
     # the default model, trained for two batches per phase: the stages run, the test stays quick
