@@ -49,6 +49,17 @@ def test_counts_vil_like_frames_and_non_contiguous_input():
                                   reference_counts(strided, sevir.VIL_THRESHOLDS))  # fmt: skip
 
 
+@pytest.mark.parametrize("shape", [(7, 96, 80), (1, 96, 80), (5, 70, 50)])  # 70 x 50: frames not whole words
+def test_counts_frames_that_lie_apart_where_they_are(shape):
+    frames = kernels.frame_buffer(*shape)
+    frames.base[...] = 255  # the pads between frames: counted, they would show
+    frames[...] = np.random.default_rng(6).integers(0, 256, shape, dtype=np.uint8)
+    np.testing.assert_array_equal(kernels.count_at_least(frames, sevir.VIL_THRESHOLDS),
+                                  reference_counts(frames, sevir.VIL_THRESHOLDS))  # fmt: skip
+    np.testing.assert_array_equal(kernels.count_at_least(frames[1:], sevir.VIL_THRESHOLDS),
+                                  reference_counts(frames[1:], sevir.VIL_THRESHOLDS))  # fmt: skip
+
+
 def test_counts_more_thresholds_than_one_kernel_call_holds():
     values = np.random.default_rng(4).integers(0, 256, 10_001, dtype=np.uint8)
     thresholds = [200, 1, 16, 128, 129, 255, 74, 74, 3]  # unsorted, repeated, 9 > 6
@@ -79,9 +90,9 @@ def test_time_major_matches_numpy_transpose(view):
     src = view(event)
     expected = src.transpose(2, 0, 1)
     np.testing.assert_array_equal(kernels.to_time_major(src), expected)
-    out = np.full(expected.shape, 7, np.uint8)
-    assert kernels.to_time_major(src, out=out) is out
-    np.testing.assert_array_equal(out, expected)
+    for out in (np.full(expected.shape, 7, np.uint8), kernels.frame_buffer(*expected.shape)):
+        assert kernels.to_time_major(src, out=out) is out
+        np.testing.assert_array_equal(out, expected)
 
 
 def test_time_major_rejects_a_wrong_out_buffer():
@@ -90,6 +101,15 @@ def test_time_major_rejects_a_wrong_out_buffer():
         kernels.to_time_major(event, out=np.empty((4, 4, 3), np.uint8))
     with pytest.raises(ValueError, match="C-contiguous"):
         kernels.to_time_major(event, out=np.empty((3, 4, 8), np.uint8)[:, :, :4])
+    with pytest.raises(ValueError, match="C-contiguous"):  # frames overlapping each other
+        kernels.to_time_major(event, out=np.lib.stride_tricks.as_strided(np.empty(64, np.uint8), (3, 4, 4), (8, 4, 1)))
+
+
+def test_frame_buffer_frames_are_contiguous_and_a_cache_line_apart():
+    buffer = kernels.frame_buffer(5, 384, 384)
+    assert buffer.shape == (5, 384, 384) and buffer.dtype == np.uint8
+    assert all(buffer[t].flags.c_contiguous for t in range(5))
+    assert buffer.strides[0] == 384 * 384 + kernels.ROW_PAD and buffer.strides[0] % 4096 != 0
 
 
 def test_kernels_run_concurrently_from_threads():
@@ -127,11 +147,13 @@ def test_time_major_counts_matches_transpose_then_count(shape, frames, rows):
     event = rng.integers(0, 256, shape, dtype=np.uint8)
     event[event < 120] = 0
     src = event[:, :, frames]
-    out = np.full((src.shape[2], *shape[:2]), 9, np.uint8)
-    counts = kernels.time_major_counts(src, out, rows, sevir.VIL_THRESHOLDS)
     expected = src.transpose(2, 0, 1)
-    np.testing.assert_array_equal(out, expected)
-    np.testing.assert_array_equal(counts, reference_counts(expected[rows[0] : rows[1]], sevir.VIL_THRESHOLDS))
+    padded = kernels.frame_buffer(src.shape[2], *shape[:2])  # frames a cache line apart, as the stage's
+    padded.base[...] = 7  # the pads hold something other than zeros: they must not be counted
+    for out in (np.full((src.shape[2], *shape[:2]), 9, np.uint8), padded):
+        counts = kernels.time_major_counts(src, out, rows, sevir.VIL_THRESHOLDS)
+        np.testing.assert_array_equal(out, expected)
+        np.testing.assert_array_equal(counts, reference_counts(expected[rows[0] : rows[1]], sevir.VIL_THRESHOLDS))
 
 
 def test_time_major_counts_with_a_frame_step_and_bad_rows():

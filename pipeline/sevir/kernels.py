@@ -6,10 +6,11 @@ writes it. Reading and writing are I/O; the two steps in between are per-pixel C
 large calls here that run without the GIL, so the worker thread doing them is never held up by
 the main thread's reads and writes:
 
-- :func:`to_time_major` is OpenCV's transpose over tiles of 8192 pixels, 18 calls per event
-  (~2.0 ms at 384x384x49, against ~2.2 ms for one call over the whole event, ~3 ms for 288
-  tiled numpy copies that each take the GIL, ~13 ms for one np.copyto; a plain numba loop
-  runs into L1 set conflicts, the output rows being 36 x 4 KiB apart);
+- :func:`to_time_major` is OpenCV's transpose over tiles of 8192 pixels, 18 calls per event,
+  into frames one cache line further apart than H*W (:func:`frame_buffer`): ~0.8 ms at
+  384x384x49, against ~2.0 ms into back-to-back frames (36 x 4 KiB apart, so the writes to all
+  frames compete for one L1 cache set), ~3 ms for 288 tiled numpy copies that each take the GIL
+  and ~13 ms for one np.copyto;
 - :func:`count_at_least` counts bytes at or above each threshold with a numba kernel that
   compares 8 bytes at a time in 64-bit words (SWAR) and sums per-byte bits in the word
   (~1.6 ms for the six VIL thresholds, against ~3.7 ms for blocked numpy compare-and-count
@@ -118,10 +119,14 @@ def _count_word_rows(words: np.ndarray, first: int, stride: int, rows: int, cols
 
 def count_at_least(values: np.ndarray, thresholds: tuple[int, ...] | list[int]) -> np.ndarray:
     """How many of ``values`` (uint8, any shape) are >= each threshold (ints in 1..255), as
-    int64 in the thresholds' order. Exact; runs without the GIL (a strided ``values`` is copied)."""
+    int64 in the thresholds' order. Exact; runs without the GIL. Frames at a distance (as in
+    :func:`frame_buffer`) are counted where they are; other strided ``values`` are copied first."""
     if values.dtype != np.uint8:
         raise TypeError(f"count_at_least takes uint8 values, not {values.dtype}")
     thresholds = _check_thresholds(thresholds)
+    rows = _word_rows(values)
+    if rows is not None:
+        return _count_word_rows(*rows, thresholds)
     flat = np.ascontiguousarray(values).reshape(-1)
     head = min(-flat.ctypes.data % 8, flat.size)  # bytes before the first 8-byte-aligned address
     n_words = (flat.size - head) // 8
@@ -130,13 +135,50 @@ def count_at_least(values: np.ndarray, thresholds: tuple[int, ...] | list[int]) 
     return _count_word_rows(body, 0, n_words, 1, n_words, thresholds) + [np.count_nonzero(edges >= t) for t in thresholds]
 
 
+def _word_rows(values: np.ndarray) -> tuple[np.ndarray, int, int, int, int] | None:
+    """``values`` (uint8, 2-D or more) as ``(words, first, stride, rows, cols)`` for
+    :func:`_count_words` when each of its first-axis slices is contiguous, 8-byte aligned and a
+    whole number of words, the slices evenly spaced; else None."""
+    if values.ndim < 2 or values.size == 0 or values.ctypes.data % 8:
+        return None
+    rows = values.shape[0]
+    row_bytes = values[0].size
+    # Slices share their inner strides, so one contiguous slice means all are; they lie strides[0] apart.
+    if not values[0].flags.c_contiguous or (rows > 1 and values.strides[0] < row_bytes):
+        return None
+    stride = values.strides[0] if rows > 1 else row_bytes
+    if row_bytes % 8 or stride % 8:
+        return None
+    span = np.lib.stride_tricks.as_strided(values, ((rows - 1) * stride + row_bytes,), (1,))
+    return span.view(np.uint64), 0, stride // 8, rows, row_bytes // 8
+
+
 def _check_out(event: np.ndarray, out: np.ndarray | None) -> np.ndarray:
+    """``out`` for ``event``'s frames: (T, H, W) of its dtype, each frame C-contiguous (frames may
+    lie further apart, as in :func:`frame_buffer`); a new C-contiguous array when None."""
     h, w, t = event.shape
     if out is None:
         return np.empty((t, h, w), dtype=event.dtype)
-    if out.shape != (t, h, w) or out.dtype != event.dtype or not out.flags.c_contiguous:
-        raise ValueError(f"out must be a C-contiguous {(t, h, w)} {event.dtype} array, got {out.shape} {out.dtype}")
+    item = event.dtype.itemsize
+    if (out.shape != (t, h, w) or out.dtype != event.dtype or out.strides[1:] != (w * item, item)
+            or (t > 1 and out.strides[0] < h * w * item)):  # fmt: skip
+        raise ValueError(f"out must be a {(t, h, w)} {event.dtype} array of C-contiguous frames, got {out.shape} "
+                         f"{out.dtype} with strides {out.strides}")  # fmt: skip
     return out
+
+
+def frame_buffer(n_frames: int, h: int, w: int) -> np.ndarray:
+    """An empty uint8 (n_frames, h, w) array whose frames are C-contiguous but :data:`ROW_PAD`
+    bytes further apart than h*w: the out buffer for :func:`to_time_major` and
+    :func:`time_major_counts`.
+
+    The transpose writes every frame at once, at the same offset in each. At 384x384 frames are
+    36 x 4 KiB apart, so all those writes fall in one L1 cache set, which holds 12 lines: the cache
+    thrashes and the transpose runs at less than half speed (~2.0 ms at 384x384x49, against ~0.8 ms
+    with the pad).
+    """
+    flat = np.empty((n_frames, h * w + ROW_PAD), np.uint8)
+    return flat[:, : h * w].reshape(n_frames, h, w)
 
 
 def _matrix(event: np.ndarray) -> np.ndarray | None:
@@ -156,7 +198,8 @@ def _transpose(src: np.ndarray, dst: np.ndarray) -> None:
 
 
 def to_time_major(event: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """One event from SEVIR's (H, W, T) layout to (T, H, W), C-contiguous, into ``out`` if given.
+    """One event from SEVIR's (H, W, T) layout to (T, H, W), into ``out`` if given (each frame
+    C-contiguous; :func:`frame_buffer` makes the fast kind), else into a new C-contiguous array.
 
     ``event`` may be a view: a frame range of a larger (H, W, T') buffer, or every k-th frame.
     When its frames sit at unit stride (any frame range), OpenCV transposes the (H*W, T) matrix
@@ -199,8 +242,13 @@ def time_major_counts(event: np.ndarray, out: np.ndarray, rows: tuple[int, int],
     src = _matrix(event)
     if src is None or pixels % 8 or dst.ctypes.data % 8:
         return count_at_least(to_time_major(event, out)[lo:hi], thresholds)
-    words = dst.reshape(-1).view(np.uint64)  # the whole output as words: rows are pixels / 8 words apart
-    stride = pixels // 8
+    row_bytes = dst.strides[0] if t > 1 else pixels
+    if row_bytes % 8:
+        return count_at_least(to_time_major(event, out)[lo:hi], thresholds)
+    # The output from its first byte to its last (pads between frames included) as 64-bit words.
+    span = np.lib.stride_tricks.as_strided(dst, ((t - 1) * row_bytes + pixels,), (1,))
+    words = span.view(np.uint64)
+    stride = row_bytes // 8
     counts = np.zeros(len(thresholds), np.int64)
     for p0 in range(0, pixels, _TILE):
         p1 = min(p0 + _TILE, pixels)
@@ -210,9 +258,12 @@ def time_major_counts(event: np.ndarray, out: np.ndarray, rows: tuple[int, int],
     return counts
 
 
-# Pixels per tile of time_major_counts (a multiple of 8): 8192 x 49 bytes in. Measured at 384x384x49:
-# 1024 ~2.03 ms, 8192 ~1.97, 32768 ~2.06, the whole event in one call ~2.24 (OpenCV alone, CPU ms).
+# Pixels per tile of time_major_counts (a multiple of 8): 8192 x 49 bytes in. Measured at 384x384x49
+# (OpenCV alone, CPU ms): into frames 36 x 4 KiB apart, 1024 ~2.03, 8192 ~1.97, 32768 ~2.06, the whole
+# event in one call ~2.24; into frame_buffer's, 8192 ~0.80, the whole event in one call ~1.30.
 _TILE = 8192
+# Extra bytes between frames in frame_buffer (one cache line, a multiple of 8 for the word count).
+ROW_PAD = 64
 # Pixels per tile of the numpy path: 512 x T bytes in and out stay in L1/L2.
 _TRANSPOSE_TILE = 512
 

@@ -446,8 +446,8 @@ class Grid:
 def prepare_events(stream: Iterator[tuple[ReadBatch, np.ndarray]], grids: dict[str, Grid], factor: int,
                    frame_shape: tuple[int, int], stats: dict[str, SplitStats], pool: ThreadPoolExecutor,
                    workers: int = 1) -> Iterator[tuple[Event, np.ndarray, Grid]]:  # fmt: skip
-    """``(event, frames, grid)`` per streamed event, in stream order, ``frames`` (F, h, w) uint8
-    C-contiguous: the stored frames, downsampled and time-major, their window frames counted into
+    """``(event, frames, grid)`` per streamed event, in stream order, ``frames`` (F, h, w) uint8,
+    each frame C-contiguous (frames a cache line apart, :func:`kernels.frame_buffer`): the stored frames, downsampled and time-major, their window frames counted into
     ``stats``; valid until the next item is requested.
 
     Up to ``workers`` events ahead are prepared in ``pool`` (that many threads) while the caller
@@ -459,7 +459,7 @@ def prepare_events(stream: Iterator[tuple[ReadBatch, np.ndarray]], grids: dict[s
     fresh pages are faulted in per event. Stats are added here, in order, from each event's counts.
     """
     n_max = max(grid.n_stored for grid in grids.values())
-    buffers = [np.empty((n_max, *frame_shape), np.uint8) for _ in range(workers + 1)]
+    buffers = [kernels.frame_buffer(n_max, *frame_shape) for _ in range(workers + 1)]
     pending: collections.deque[tuple[Event, Future, Grid]] = collections.deque()
 
     def done() -> tuple[Event, np.ndarray, Grid]:
