@@ -7,8 +7,8 @@ large calls here that run without the GIL, so the worker thread doing them is ne
 the main thread's reads and writes:
 
 - :func:`to_time_major` is OpenCV's transpose over tiles of 8192 pixels, 18 calls per event,
-  into frames one cache line further apart than H*W (:func:`frame_buffer`): ~0.8 ms at
-  384x384x49, against ~2.0 ms into back-to-back frames (36 x 4 KiB apart, so the writes to all
+  into frames one cache line further apart than H*W (:func:`frame_buffer`): ~0.9 ms at
+  384x384x49, against ~2.2 ms into back-to-back frames (36 x 4 KiB apart, so the writes to all
   frames compete for one L1 cache set), ~3 ms for 288 tiled numpy copies that each take the GIL
   and ~13 ms for one np.copyto;
 - :func:`count_at_least` counts bytes at or above each threshold with a numba kernel that
@@ -17,9 +17,9 @@ the main thread's reads and writes:
   passes and ~8 ms for whole-array ones). numba is imported on the first count (~0.5 s per
   process with its compiled code cached in ``__pycache__``; ~1.5 s the first time).
 
-:func:`time_major_counts` does both, tile by tile, counting each tile while it is cached: what
-the stage calls. All are exact; ``tests/test_chunk_kernels.py`` checks them against plain numpy on
-every byte value, in every byte position of a word, on unaligned and strided input.
+:func:`time_major_counts` does both (~3 ms): what the stage calls. All are exact;
+``tests/test_chunk_kernels.py`` checks them against plain numpy on every byte value, in every
+byte position of a word, on unaligned, strided and padded input.
 """
 
 from __future__ import annotations
@@ -222,43 +222,23 @@ def to_time_major(event: np.ndarray, out: np.ndarray | None = None) -> np.ndarra
 
 def time_major_counts(event: np.ndarray, out: np.ndarray, rows: tuple[int, int],
                       thresholds: tuple[int, ...] | list[int]) -> np.ndarray:  # fmt: skip
-    """:func:`to_time_major` into ``out``, and :func:`count_at_least` of its frames
-    ``rows[0]:rows[1]``, in one pass: what stage chunk does to each event.
+    """:func:`to_time_major` into ``out``, then :func:`count_at_least` of its frames
+    ``rows[0]:rows[1]``: what stage chunk does to each event, 19 calls that release the GIL.
 
-    Works through tiles of :data:`_TILE` pixels: OpenCV transposes a tile (its ~400 KB of input
-    stay in L2 while it is read frame by frame, where a whole 7 MB event would be fetched from L3
-    ~13 times over) and the tile's output rows are counted while they are still cached. Every call
-    releases the GIL. Falls back to the two separate calls when a tile's rows cannot be read as
-    aligned 64-bit words (H*W not a multiple of 8) or the frames are not at unit stride.
+    Counting tile by tile while each tile is still cached was tried: 18 kernel calls per event
+    cost more than one pass over frames that have just been written (~3.2 ms against ~2.6 ms at
+    384x384x49 into :func:`frame_buffer`'s frames).
     """
     thresholds = _check_thresholds(thresholds)
-    h, w, t = event.shape
-    out = _check_out(event, out)
+    t = event.shape[2]
     lo, hi = rows
     if not 0 <= lo <= hi <= t:
         raise ValueError(f"rows {rows} outside the event's {t} frames")
-    pixels = h * w
-    dst = out.reshape(t, pixels)
-    src = _matrix(event)
-    if src is None or pixels % 8 or dst.ctypes.data % 8:
-        return count_at_least(to_time_major(event, out)[lo:hi], thresholds)
-    row_bytes = dst.strides[0] if t > 1 else pixels
-    if row_bytes % 8:
-        return count_at_least(to_time_major(event, out)[lo:hi], thresholds)
-    # The output from its first byte to its last (pads between frames included) as 64-bit words.
-    span = np.lib.stride_tricks.as_strided(dst, ((t - 1) * row_bytes + pixels,), (1,))
-    words = span.view(np.uint64)
-    stride = row_bytes // 8
-    counts = np.zeros(len(thresholds), np.int64)
-    for p0 in range(0, pixels, _TILE):
-        p1 = min(p0 + _TILE, pixels)
-        _transpose(src[p0:p1], dst[:, p0:p1])
-        if hi > lo:
-            counts += _count_word_rows(words, lo * stride + p0 // 8, stride, hi - lo, (p1 - p0) // 8, thresholds)
-    return counts
+    frames = to_time_major(event, out)
+    return count_at_least(frames[lo:hi], thresholds) if hi > lo else np.zeros(len(thresholds), np.int64)
 
 
-# Pixels per tile of time_major_counts (a multiple of 8): 8192 x 49 bytes in. Measured at 384x384x49
+# Pixels per tile of to_time_major: 8192 x 49 bytes in. Measured at 384x384x49
 # (OpenCV alone, CPU ms): into frames 36 x 4 KiB apart, 1024 ~2.03, 8192 ~1.97, 32768 ~2.06, the whole
 # event in one call ~2.24; into frame_buffer's, 8192 ~0.80, the whole event in one call ~1.30.
 _TILE = 8192
