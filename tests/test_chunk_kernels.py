@@ -142,7 +142,7 @@ def test_kernels_run_concurrently_from_threads():
         ((384, 384, 13), slice(0, 13), (1, 12)),  # real SEVIR frame size
     ],
 )
-def test_time_major_counts_matches_transpose_then_count(shape, frames, rows):
+def test_transpose_then_count_as_the_stage_does(shape, frames, rows):
     rng = np.random.default_rng(sum(shape))
     event = rng.integers(0, 256, shape, dtype=np.uint8)
     event[event < 120] = 0
@@ -151,17 +151,17 @@ def test_time_major_counts_matches_transpose_then_count(shape, frames, rows):
     padded = kernels.frame_buffer(src.shape[2], *shape[:2])  # frames a cache line apart, as the stage's
     padded.base[...] = 7  # the pads hold something other than zeros: they must not be counted
     for out in (np.full((src.shape[2], *shape[:2]), 9, np.uint8), padded):
-        counts = kernels.time_major_counts(src, out, rows, sevir.VIL_THRESHOLDS)
+        kernels.to_time_major(src, out=out)
+        counts = kernels.count_at_least(out[rows[0] : rows[1]], sevir.VIL_THRESHOLDS)
         np.testing.assert_array_equal(out, expected)
         np.testing.assert_array_equal(counts, reference_counts(expected[rows[0] : rows[1]], sevir.VIL_THRESHOLDS))
 
 
-def test_time_major_counts_with_a_frame_step_and_bad_rows():
+def test_transpose_then_count_with_a_frame_step_into_padded_frames():
     event = np.random.default_rng(8).integers(0, 256, (64, 64, 25), dtype=np.uint8)
     src = event[:, :, ::2]  # frames not at unit stride: numpy transpose, then the count
-    out = np.empty((13, 64, 64), np.uint8)
-    counts = kernels.time_major_counts(src, out, (2, 11), sevir.VIL_THRESHOLDS)
+    out = kernels.frame_buffer(13, 64, 64)
+    kernels.to_time_major(src, out=out)
+    counts = kernels.count_at_least(out[2:11], sevir.VIL_THRESHOLDS)
     np.testing.assert_array_equal(out, src.transpose(2, 0, 1))
     np.testing.assert_array_equal(counts, reference_counts(out[2:11], sevir.VIL_THRESHOLDS))
-    with pytest.raises(ValueError, match="outside"):
-        kernels.time_major_counts(src, out, (5, 14), sevir.VIL_THRESHOLDS)

@@ -17,7 +17,8 @@ the main thread's reads and writes:
   passes and ~8 ms for whole-array ones). numba is imported on the first count (~0.5 s per
   process with its compiled code cached in ``__pycache__``; ~1.5 s the first time).
 
-:func:`time_major_counts` does both (~3 ms): what the stage calls. All are exact;
+The stage calls one after the other (~2.6 ms): counting each tile of the transpose while it is
+still cached was tried and cost more (18 kernel calls per event, ~3.2 ms). Both are exact;
 ``tests/test_chunk_kernels.py`` checks them against plain numpy on every byte value, in every
 byte position of a word, on unaligned, strided and padded input.
 """
@@ -34,11 +35,11 @@ _ONES = 0x0101010101010101  # 1 in every byte of a 64-bit word
 _LOW, _HIGH_SLOTS = 2, 4
 
 
-def _count_words(words: np.ndarray, first: int, stride: int, rows: int, cols: int, low0: np.uint64,
+def _count_words(words: np.ndarray, stride: int, rows: int, cols: int, low0: np.uint64,
                  low1: np.uint64, high0: np.uint64, high1: np.uint64, high2: np.uint64,
                  high3: np.uint64) -> np.ndarray:  # fmt: skip
     """Bytes >= t in ``rows`` runs of ``cols`` words of ``words`` (uint64, 1-D contiguous), run r
-    starting at word ``first + r * stride``, for two thresholds t <= 128 and four t > 128, given
+    starting at word ``r * stride``, for two thresholds t <= 128 and four t > 128, given
     as the per-byte word constants of :func:`_constant`; returns the six counts in that order.
 
     Per byte b, with lo = b & 127 and hi = b & 128: ``lo + (128 - t')`` has its high bit set iff
@@ -54,7 +55,7 @@ def _count_words(words: np.ndarray, first: int, stride: int, rows: int, cols: in
     seven, s8, s16, s32 = np.uint64(7), np.uint64(8), np.uint64(16), np.uint64(32)
     out = np.zeros(6, np.int64)
     for r in range(rows):
-        base = first + r * stride
+        base = r * stride
         for start in range(base, base + cols, 255):
             stop = min(start + 255, base + cols)
             a0 = a1 = a2 = a3 = a4 = a5 = np.uint64(0)
@@ -99,8 +100,7 @@ def _check_thresholds(thresholds: tuple[int, ...] | list[int]) -> list[int]:
     return thresholds
 
 
-def _count_word_rows(words: np.ndarray, first: int, stride: int, rows: int, cols: int,
-                     thresholds: list[int]) -> np.ndarray:  # fmt: skip
+def _count_word_rows(words: np.ndarray, stride: int, rows: int, cols: int, thresholds: list[int]) -> np.ndarray:
     """Counts >= each threshold over the bytes of runs of ``words`` (see :func:`_count_words`)."""
     counts = np.zeros(len(thresholds), np.int64)
     low = [k for k, t in enumerate(thresholds) if t <= 128]
@@ -111,7 +111,7 @@ def _count_word_rows(words: np.ndarray, first: int, stride: int, rows: int, cols
         highs, high = high[:_HIGH_SLOTS], high[_HIGH_SLOTS:]
         consts = [_constant(thresholds[k]) for k in lows] + [_constant(1)] * (_LOW - len(lows))
         consts += [_constant(thresholds[k]) for k in highs] + [_constant(255)] * (_HIGH_SLOTS - len(highs))
-        got = kernel(words, first, stride, rows, cols, *consts)
+        got = kernel(words, stride, rows, cols, *consts)
         counts[lows] = got[: len(lows)]
         counts[highs] = got[_LOW : _LOW + len(highs)]
     return counts
@@ -132,11 +132,11 @@ def count_at_least(values: np.ndarray, thresholds: tuple[int, ...] | list[int]) 
     n_words = (flat.size - head) // 8
     body = flat[head : head + 8 * n_words].view(np.uint64)
     edges = np.concatenate([flat[:head], flat[head + 8 * n_words :]])  # < 16 bytes, counted by numpy
-    return _count_word_rows(body, 0, n_words, 1, n_words, thresholds) + [np.count_nonzero(edges >= t) for t in thresholds]
+    return _count_word_rows(body, n_words, 1, n_words, thresholds) + [np.count_nonzero(edges >= t) for t in thresholds]
 
 
-def _word_rows(values: np.ndarray) -> tuple[np.ndarray, int, int, int, int] | None:
-    """``values`` (uint8, 2-D or more) as ``(words, first, stride, rows, cols)`` for
+def _word_rows(values: np.ndarray) -> tuple[np.ndarray, int, int, int] | None:
+    """``values`` (uint8, 2-D or more) as ``(words, stride, rows, cols)`` for
     :func:`_count_words` when each of its first-axis slices is contiguous, 8-byte aligned and a
     whole number of words, the slices evenly spaced; else None."""
     if values.ndim < 2 or values.size == 0 or values.ctypes.data % 8:
@@ -150,7 +150,7 @@ def _word_rows(values: np.ndarray) -> tuple[np.ndarray, int, int, int, int] | No
     if row_bytes % 8 or stride % 8:
         return None
     span = np.lib.stride_tricks.as_strided(values, ((rows - 1) * stride + row_bytes,), (1,))
-    return span.view(np.uint64), 0, stride // 8, rows, row_bytes // 8
+    return span.view(np.uint64), stride // 8, rows, row_bytes // 8
 
 
 def _check_out(event: np.ndarray, out: np.ndarray | None) -> np.ndarray:
@@ -169,12 +169,11 @@ def _check_out(event: np.ndarray, out: np.ndarray | None) -> np.ndarray:
 
 def frame_buffer(n_frames: int, h: int, w: int) -> np.ndarray:
     """An empty uint8 (n_frames, h, w) array whose frames are C-contiguous but :data:`ROW_PAD`
-    bytes further apart than h*w: the out buffer for :func:`to_time_major` and
-    :func:`time_major_counts`.
+    bytes further apart than h*w: the out buffer for :func:`to_time_major`.
 
     The transpose writes every frame at once, at the same offset in each. At 384x384 frames are
     36 x 4 KiB apart, so all those writes fall in one L1 cache set, which holds 12 lines: the cache
-    thrashes and the transpose runs at less than half speed (~2.0 ms at 384x384x49, against ~0.8 ms
+    thrashes and the transpose runs at less than half speed (~2.2 ms at 384x384x49, against ~0.9 ms
     with the pad).
     """
     flat = np.empty((n_frames, h * w + ROW_PAD), np.uint8)
@@ -218,24 +217,6 @@ def to_time_major(event: np.ndarray, out: np.ndarray | None = None) -> np.ndarra
     for i in range(0, h * w, _TRANSPOSE_TILE):
         dst[:, i : i + _TRANSPOSE_TILE] = src[i : i + _TRANSPOSE_TILE].T
     return out
-
-
-def time_major_counts(event: np.ndarray, out: np.ndarray, rows: tuple[int, int],
-                      thresholds: tuple[int, ...] | list[int]) -> np.ndarray:  # fmt: skip
-    """:func:`to_time_major` into ``out``, then :func:`count_at_least` of its frames
-    ``rows[0]:rows[1]``: what stage chunk does to each event, 19 calls that release the GIL.
-
-    Counting tile by tile while each tile is still cached was tried: 18 kernel calls per event
-    cost more than one pass over frames that have just been written (~3.2 ms against ~2.6 ms at
-    384x384x49 into :func:`frame_buffer`'s frames).
-    """
-    thresholds = _check_thresholds(thresholds)
-    t = event.shape[2]
-    lo, hi = rows
-    if not 0 <= lo <= hi <= t:
-        raise ValueError(f"rows {rows} outside the event's {t} frames")
-    frames = to_time_major(event, out)
-    return count_at_least(frames[lo:hi], thresholds) if hi > lo else np.zeros(len(thresholds), np.int64)
 
 
 # Pixels per tile of to_time_major: 8192 x 49 bytes in. Measured at 384x384x49

@@ -152,7 +152,7 @@ class SplitStats:
     at_least: np.ndarray = field(default_factory=lambda: np.zeros(len(sevir.VIL_THRESHOLDS), np.int64))
 
     def add_pixels(self, frames: np.ndarray) -> None:
-        """Count ``frames`` (uint8, C-contiguous) in."""
+        """Count ``frames`` (uint8) in."""
         self.add_counts(*count_pixels(frames))
 
     def add_counts(self, pixels: int, at_least: np.ndarray) -> None:
@@ -178,7 +178,7 @@ class SplitStats:
 
 
 def count_pixels(frames: np.ndarray) -> tuple[int, np.ndarray]:
-    """``(pixels, at_least)``: how many values ``frames`` (uint8, C-contiguous) holds and how many
+    """``(pixels, at_least)``: how many values ``frames`` (uint8) holds and how many
     are >= each of :data:`sevir.VIL_THRESHOLDS`. Exact, in one call without the GIL
     (:func:`pipeline.sevir.kernels.count_at_least`)."""
     return frames.size, kernels.count_at_least(frames, sevir.VIL_THRESHOLDS)
@@ -483,11 +483,9 @@ def prepare_events(stream: Iterator[tuple[ReadBatch, np.ndarray]], grids: dict[s
 
 def _prepare(raw: np.ndarray, factor: int, grid: Grid, out: np.ndarray) -> tuple[np.ndarray, tuple[int, np.ndarray]]:
     kept = downsample(raw[:, :, grid.raw_slice], factor)  # (h, w, F), a view when factor is 1
-    frames = out[: grid.n_stored]  # (F, h, w)
-    # The windows' frames are counted; frames only long clips use are not.
-    rows = (grid.starts[0] - grid.first, grid.starts[-1] + grid.window_len - grid.first)
-    at_least = kernels.time_major_counts(kept, frames, rows, sevir.VIL_THRESHOLDS)
-    return frames, (frames[rows[0] : rows[1]].size, at_least)
+    frames = to_time_major(kept, out=out[: grid.n_stored])  # (F, h, w)
+    lo = grid.starts[0] - grid.first  # the windows' frames; long-clip-only frames are not counted
+    return frames, count_pixels(frames[lo : grid.starts[-1] + grid.window_len - grid.first])
 
 
 def prepare_workers(windows: WindowsConfig) -> int:
