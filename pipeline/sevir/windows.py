@@ -447,16 +447,17 @@ def prepare_events(stream: Iterator[tuple[ReadBatch, np.ndarray]], grids: dict[s
                    frame_shape: tuple[int, int], stats: dict[str, SplitStats], pool: ThreadPoolExecutor,
                    workers: int = 1) -> Iterator[tuple[Event, np.ndarray, Grid]]:  # fmt: skip
     """``(event, frames, grid)`` per streamed event, in stream order, ``frames`` (F, h, w) uint8,
-    each frame C-contiguous (frames a cache line apart, :func:`kernels.frame_buffer`): the stored frames, downsampled and time-major, their window frames counted into
-    ``stats``; valid until the next item is requested.
+    each frame C-contiguous and the frames a cache line apart (:func:`kernels.frame_buffer`): the
+    stored frames, downsampled and time-major, their window frames counted into ``stats``; valid
+    until the next item is requested.
 
     Up to ``workers`` events ahead are prepared in ``pool`` (that many threads) while the caller
-    writes the current one and the stream reads the next. Preparing an event is two calls that
-    release the GIL for their whole run (:mod:`pipeline.sevir.kernels`), and so does the
-    plain-bytes read (:meth:`sevir.VilFile.contiguous`), so with a free core the preparation
-    overlaps the I/O. The stream's read buffers must outlast
-    ``workers + 1`` batches. ``workers + 1`` frame buffers rotate; all buffers are reused, so no
-    fresh pages are faulted in per event. Stats are added here, in order, from each event's counts.
+    writes the current one and the stream reads the next. Preparing an event is a transpose and a
+    count whose calls release the GIL for their whole run (:mod:`pipeline.sevir.kernels`), and so
+    does the plain-bytes read (:meth:`sevir.VilFile.contiguous`), so with a free core the
+    preparation overlaps the I/O. A read batch must stay valid while the next ``workers`` are
+    read. ``workers + 1`` frame buffers rotate; all buffers are reused, so no fresh pages are
+    faulted in per event. Stats are added here, in order, from each event's counts.
     """
     n_max = max(grid.n_stored for grid in grids.values())
     buffers = [kernels.frame_buffer(n_max, *frame_shape) for _ in range(workers + 1)]
@@ -492,7 +493,7 @@ def prepare_workers(windows: WindowsConfig) -> int:
     """Threads preparing events: ``windows.workers``, or by default one per CPU beyond the one that
     reads and writes, 1 to 4. Each event is two calls that run without the GIL (transpose, count),
     so one worker keeps up with the I/O at 384x384 when it has a core of its own; measured on 2
-    CPUs, a second worker only competes with the reader for the cores (~5% slower)."""
+    CPUs, a second worker only competes with the reader for the cores (5-10% slower)."""
     if windows.workers is not None:
         return windows.workers
     return max(1, min(4, (os.cpu_count() or 2) - 1))
