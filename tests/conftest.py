@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers.project import merge
+from pipeline.preset import merge
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,7 +31,7 @@ def write_params(tmp_path: Path):
 
     def _write(overrides: dict | None = None, name: str = "params.yaml") -> Path:
         params = yaml.safe_load((REPO / "params.yaml").read_text())
-        merge(params, overrides or {})
+        params = merge(params, overrides or {})
         path = tmp_path / name
         path.write_text(yaml.safe_dump(params, sort_keys=False))
         return path

@@ -17,7 +17,8 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from tests.helpers.project import copy_project, merge
+from pipeline.preset import merge
+from tests.helpers.project import copy_project
 from tests.helpers.services import mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,7 +61,7 @@ TINY = {
 def project(tmp_path_factory) -> Path:
     dest = copy_project(tmp_path_factory.mktemp("exp-project"), skip=("reports/", "dvc.lock"))
     params = yaml.safe_load((dest / "params.yaml").read_text())
-    merge(params, TINY)
+    params = merge(params, TINY)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     _git(dest, "init", "-q")
     _git(dest, "add", "-A")

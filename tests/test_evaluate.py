@@ -159,13 +159,14 @@ def _stage_files(root: Path, evaluate: dict | None = None) -> Path:
     """Windows, a tiny ConvLSTM checkpoint and a params file under ``root``; returns the params path."""
     import yaml
 
-    from tests.helpers.project import REPO, merge
+    from pipeline.preset import merge
+    from tests.helpers.project import REPO
 
     write_windows(root / "windows" / "test.h5", moving_storms(6, IN + OUT, seed=2))
     write_windows(root / "windows" / "val.h5", moving_storms(3, IN + OUT, seed=3))
     write_checkpoint(root / "artifacts" / "phase2" / "best.pt")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    merge(params, {
+    params = merge(params, {
         "windows": {"root": str(root / "windows"), "in_len": IN, "out_len": OUT},
         "model": TINY_MODEL,
         "train": {"checkpoint_dir": str(root / "artifacts"), "device": "cpu"},

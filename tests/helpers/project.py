@@ -1,4 +1,4 @@
-"""Shared by the tests that build params files or copies of the project."""
+"""Shared by the tests that build copies of the project (params overrides: pipeline.preset.merge)."""
 
 from __future__ import annotations
 
@@ -7,15 +7,6 @@ import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-def merge(base: dict, extra: dict) -> None:
-    """Merge ``extra`` into ``base`` in place, section by section (nested dicts merge, values replace)."""
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            merge(base[key], value)
-        else:
-            base[key] = value
 
 
 def copy_project(dest: Path, skip: tuple[str, ...] = ()) -> Path:
