@@ -165,3 +165,18 @@ def test_transpose_then_count_with_a_frame_step_into_padded_frames():
     counts = kernels.count_at_least(out[2:11], sevir.VIL_THRESHOLDS)
     np.testing.assert_array_equal(out, src.transpose(2, 0, 1))
     np.testing.assert_array_equal(counts, reference_counts(out[2:11], sevir.VIL_THRESHOLDS))
+
+
+@pytest.mark.parametrize("storm", [False, True])
+def test_the_samples_own_events_mostly_exact_zeros(storm):
+    # What chunk is fed: an event of the embedded sample, in SEVIR's (H, W, T) layout, its stored
+    # frames a range of it; long runs of zero words, rare high values.
+    from pipeline.sevir._fields import render_event
+
+    event = render_event(np.random.default_rng(21), 128, 49, storm=storm)
+    assert np.mean(event == 0) > 0.3  # radar frames are mostly exact zeros
+    src = event[:, :, 1:48]
+    frames = kernels.to_time_major(src, out=kernels.frame_buffer(47, 128, 128))
+    np.testing.assert_array_equal(frames, src.transpose(2, 0, 1))
+    np.testing.assert_array_equal(kernels.count_at_least(frames[5:40], sevir.VIL_THRESHOLDS),
+                                  reference_counts(frames[5:40], sevir.VIL_THRESHOLDS))  # fmt: skip
