@@ -136,7 +136,7 @@ class WindowsConfig(Section):
     downsample: PositiveInt = 1  # spatial factor, e.g. 3 turns 384x384 into 128x128
     root: Path = Path("data/windows")
     chunk_events: PositiveInt = 1  # events read from h5 at once (bounds memory)
-    workers: Annotated[int, Field(ge=1, le=64)] | None = None  # threads preparing events; None = CPUs - 1, 1 to 4
+    workers: Annotated[int, Field(ge=1, le=64)] | None = None  # threads preparing and writing events; None = CPUs, 2 to 4
 
     @property
     def window_len(self) -> int:

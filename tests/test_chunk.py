@@ -6,6 +6,7 @@ Every test builds its own tiny SEVIR-format root (CATALOG.csv + vil/YYYY/*.h5, 1
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import fcntl
 import hashlib
 import json
@@ -14,6 +15,7 @@ import math
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -400,6 +402,47 @@ def test_a_writer_stores_events_as_rows_and_the_window_index(tmp_path):
         np.testing.assert_array_equal(f["vil"][1], frames[::-1])
 
 
+def sha1(path: Path) -> str:
+    return hashlib.sha1(path.read_bytes()).hexdigest()
+
+
+def test_a_writers_file_does_not_depend_on_the_order_rows_are_written_in(tmp_path):
+    """Chunks are allocated when the file is made, so rows written by several threads in any
+    order give the same bytes as rows written one after another."""
+    rows = np.random.default_rng(0).integers(0, 256, (6, 49, 4, 4), dtype=np.uint8)
+
+    def write(path: Path, order: list[int], threads: int) -> None:
+        writer = windows.SplitWriter(path, "train", WindowsConfig(), SPLIT, (4, 4), 2, n_events=6, n_frames=49)
+        assert [writer.reserve(f"S{i}", i, 0, [0, 12, 24]) for i in range(6)] == list(range(6))
+        with ThreadPoolExecutor(threads) as pool:
+            list(pool.map(lambda row: writer.write_row(row, rows[row]), order))
+        writer.close()
+
+    write(tmp_path / "in_order.h5", [0, 1, 2, 3, 4, 5], 1)
+    write(tmp_path / "any_order.h5", [5, 2, 4, 0, 3, 1], 3)
+    assert sha1(tmp_path / "in_order.h5") == sha1(tmp_path / "any_order.h5")
+    with h5py.File(tmp_path / "any_order.h5") as f:
+        np.testing.assert_array_equal(f["vil"][()], rows)
+        assert f["event_id"][()].tolist() == [f"S{i}".encode() for i in range(6)]
+
+
+def test_a_short_write_goes_on_where_it_stopped(tmp_path, monkeypatch):
+    real, calls = os.pwrite, []
+
+    def five_bytes_at_a_time(fd, data, offset):
+        calls.append(offset)
+        return real(fd, memoryview(data)[:5], offset)
+
+    data = np.arange(64, dtype=np.uint8)
+    fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
+    try:
+        monkeypatch.setattr(windows.os, "pwrite", five_bytes_at_a_time)
+        windows._pwrite_all(fd, data, 100)
+    finally:
+        os.close(fd)
+    assert len(calls) == 13 and (tmp_path / "f").read_bytes()[100:] == data.tobytes()
+
+
 def test_time_major_copy_matches_the_numpy_transpose():
     event = np.random.default_rng(1).integers(0, 256, (70, 50, 9), dtype=np.uint8)  # H*W not a multiple of the tile
     np.testing.assert_array_equal(windows.to_time_major(event), event.transpose(2, 0, 1))
@@ -437,6 +480,7 @@ def test_more_workers_write_the_same_files_and_stats(sample, tmp_path, workers):
         a, b = read_split(tmp_path / "one", split), read_split(tmp_path / "many", split)
         for name in ("vil", "event_id", "frame_offset", "window_event", "window_start"):
             np.testing.assert_array_equal(a[name], b[name])
+        assert sha1(tmp_path / f"one/windows/{split}.h5") == sha1(tmp_path / f"many/windows/{split}.h5")
 
 
 def test_plain_bytes_and_hdf5_reads_agree(sample, tmp_path):
@@ -460,6 +504,39 @@ def test_plain_bytes_and_hdf5_reads_agree(sample, tmp_path):
         np.testing.assert_array_equal(read_split(tmp_path / "plain", split)["vil"], read_split(tmp_path / "chunked", split)["vil"])
 
 
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs /proc/self/maps (Linux)")
+def test_plain_files_are_mapped_not_copied_and_unmapped_after_the_run(sample, tmp_path, monkeypatch):
+    seen = []
+    real_read = windows.read_block
+
+    def spy(vil, start, stop, out):
+        block = real_read(vil, start, stop, out)
+        in_buffer = out.ctypes.data <= block.ctypes.data < out.ctypes.data + out.nbytes
+        seen.append((in_buffer, block.flags.writeable, vil.path, start, block.copy()))
+        return block
+
+    monkeypatch.setattr(windows, "read_block", spy)
+    run(sample, tmp_path, chunk_events=2)
+    assert seen and not any(in_buffer or writeable for in_buffer, writeable, *_ in seen)  # views of the file's pages
+    for _, _, path, start, block in seen:
+        with h5py.File(path) as f:
+            np.testing.assert_array_equal(block, f["vil"][start : start + len(block)])
+    assert str(sample.raw) not in Path("/proc/self/maps").read_text()  # every mapping is gone
+
+
+def test_a_file_system_that_cannot_map_files_is_read_instead(sample, tmp_path, monkeypatch):
+    mapped = run(sample, tmp_path / "mapped")
+
+    def refuse(*args, **kwargs):
+        raise OSError(errno.ENODEV, "No such device")
+
+    monkeypatch.setattr(windows.mmap, "mmap", refuse)
+    read = run(sample, tmp_path / "read")
+    assert read == mapped
+    for split in windows.SPLITS:
+        assert sha1(tmp_path / f"mapped/windows/{split}.h5") == sha1(tmp_path / f"read/windows/{split}.h5")
+
+
 def test_a_plain_file_cut_short_is_one_clear_error(sample, tmp_path):
     path = sample.raw / FILE_2019
     with sevir.VilFile(path) as f:
@@ -469,6 +546,17 @@ def test_a_plain_file_cut_short_is_one_clear_error(sample, tmp_path):
         f.truncate(cut)
     with pytest.raises(DataError, match="corrupt or truncated"):
         run(sample, tmp_path)
+
+
+def test_a_plain_file_cut_short_after_it_was_opened_is_an_error_not_a_crash(sample):
+    """Mapped pages past the end of a file kill the process (SIGBUS): the size is checked first."""
+    path = sample.raw / FILE_2019
+    with sevir.VilFile(path) as vil:
+        offset = vil.contiguous()[1]
+        os.truncate(path, offset + vil.vil.nbytes // 2)
+        with pytest.raises(DataError, match=r"file ends at byte \d+, the events end at byte \d+\); the file is corrupt"):
+            windows.read_block(vil, 0, vil.n_events, np.empty(vil.vil.nbytes, np.uint8))
+        np.testing.assert_array_equal(windows.read_block(vil, 0, 1, np.empty(0, np.uint8))[0], sample.vil["S6"])
 
 
 def test_a_file_index_gap_splits_a_read(sample, tmp_path, monkeypatch):
@@ -622,6 +710,22 @@ def test_a_read_failing_midway_keeps_the_previous_output(stage, tmp_path, capsys
     assert snapshot(tmp_path) == before
 
 
+def test_a_full_disk_is_one_clear_error_and_keeps_the_previous_output(stage, tmp_path, capsys, monkeypatch):
+    assert stage(capsys)[0] == 0
+    before = snapshot(tmp_path)
+
+    def full(fd, data, offset):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(windows, "_pwrite_all", full)
+    code, err = stage(capsys)
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert code == 2 and len(errors) == 1 and "Traceback" not in err
+    assert "cannot write the windows ([Errno 28] No space left on device); free space under" in errors[0]
+    assert "or point windows.root elsewhere" in errors[0]
+    assert snapshot(tmp_path) == before
+
+
 def test_a_failure_on_a_first_run_leaves_no_output(sample, tmp_path):
     break_file_truncated(sample)
     with pytest.raises(DataError):
@@ -653,11 +757,11 @@ def test_a_killed_run_leaves_a_temporary_folder_that_the_next_run_removes(sample
         "from pathlib import Path\n"
         "from pipeline.sevir import windows\n"
         "from pipeline.config import SplitConfig, WindowsConfig\n"
-        "real = windows.SplitWriter.append\n"
-        "def append(self, *a):\n"
+        "real = windows.SplitWriter.write_row\n"
+        "def write_row(self, *a):\n"
         "    real(self, *a)\n"
         "    os.kill(os.getpid(), signal.SIGKILL)\n"
-        "windows.SplitWriter.append = append\n"
+        "windows.SplitWriter.write_row = write_row\n"
         f"windows.write_windows(Path({str(sample.raw)!r}), WindowsConfig(root=Path({str(cfg.root)!r})), "
         "SplitConfig(), Path(sys.argv[1]), progress=False)\n"
     )

@@ -28,10 +28,12 @@ kept frames, so an event yields ``floor((T' - L) / stride) + 1`` windows (T' >= 
 not shifted, so the count is ``floor((T' - L) / stride) - ceil((M - L) / stride) + 1``.
 :func:`window_starts` is the one rule (on T'); :func:`kept_frames` gives T'.
 
-Events are streamed: grouped by file, in ``file_index`` order, ``chunk_events`` at a time into
-reused buffers, so memory stays at a few events whatever the file size. A worker thread turns
-event n time-major and counts its pixels (:mod:`pipeline.sevir.kernels`, without the GIL) while
-the main thread writes event n-1 and reads event n+1. Everything is written into a temporary
+Events are streamed: grouped by file, in ``file_index`` order, ``chunk_events`` at a time, so
+memory stays at a few events whatever the file size. The main thread maps each batch's bytes from
+the page cache (:func:`read_block`; no copy) while ``windows.workers`` threads each take one event,
+turn it time-major, count its pixels (:mod:`pipeline.sevir.kernels`) and write it straight into
+its row's chunks, allocated when the file was made (:class:`SplitWriter`): all without the GIL.
+Everything is written into a temporary
 directory that replaces ``windows.root`` only at the end (:func:`pipeline.sevir.atomic_dir`);
 temporary directories left by a killed run are removed by the next run (:func:`sweep_stale_tmp`).
 """
@@ -42,13 +44,16 @@ import collections
 import contextlib
 import datetime as dt
 import fcntl
+import functools
 import json
 import logging
+import mmap
 import os
 import re
 import shutil
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, closing
 from dataclasses import dataclass, field
@@ -188,16 +193,19 @@ def count_pixels(frames: np.ndarray) -> tuple[int, np.ndarray]:
 class SplitWriter:
     """One split's output file: each event written once as one row of ``vil``, plus the window index.
 
-    ``n_events`` presizes ``vil`` to (n_events, n_frames, H, W): no resize while writing. The
-    small per-event and per-window records are kept in memory and written on close.
+    ``n_events`` presizes ``vil`` to (n_events, n_frames, H, W), and HDF5 allocates all its
+    chunks when the file is made (no fill values written), in a fixed order, so the file's bytes
+    do not depend on the order rows are written in. A row's frames are then plain ``pwrite``
+    calls at its chunks' addresses: no HDF5 call and no GIL per event, so rows can be written
+    from worker threads, each as soon as it is ready (:meth:`write_row`). The small per-event
+    and per-window records are kept in memory and written on close.
     """
 
     def __init__(self, path: Path, split: str, windows: WindowsConfig, splits: SplitConfig,
                  frame_shape: tuple[int, int], id_len: int, n_events: int, n_frames: int):  # fmt: skip
         self.path, self.split = path, split
         h, w = frame_shape
-        # No chunk cache: every write is a whole chunk, passed straight to the file (append).
-        self.h5 = h5py.File(path, "w", rdcc_nbytes=0)
+        self.h5 = h5py.File(path, "w", rdcc_nbytes=0)  # no chunk cache: HDF5 never holds vil's bytes
         self.h5.attrs.update({
             "split": split, "in_len": windows.in_len, "out_len": windows.out_len, "stride": windows.stride,
             "frame_step": windows.frame_step, "frame_minutes": windows.frame_step * sevir.FRAME_MINUTES,
@@ -205,11 +213,22 @@ class SplitWriter:
             "downsample": windows.downsample, "scale": SCALE_NOTE, "time_utc_units": TIME_UNITS,
             "train_end": str(splits.train_end), "val_end": str(splits.val_end),
         })  # fmt: skip
-        # Axis 0 is extendable only so that an empty split (0 rows) can have (1, 1, H, W) chunks.
-        self.vil = self.h5.create_dataset(
-            "vil", (n_events, n_frames, h, w), np.uint8, chunks=(1, 1, h, w), maxshape=(None, n_frames, h, w)
-        )
-        self.vil.attrs["scale"] = SCALE_NOTE
+        dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
+        dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
+        dcpl.set_fill_time(h5py.h5d.FILL_TIME_NEVER)  # every chunk is written by write_row, zeros included
+        self.frame_bytes, self.n_rows, self.n_frames = h * w, n_events, n_frames
+        self.fd: int | None = None
+        try:
+            # Axis 0 is extendable only so that an empty split (0 rows) can have (1, 1, H, W) chunks.
+            self.vil = self.h5.create_dataset("vil", (n_events, n_frames, h, w), np.uint8, chunks=(1, 1, h, w),
+                                              maxshape=(None, n_frames, h, w), dcpl=dcpl)  # fmt: skip
+            self.vil.attrs["scale"] = SCALE_NOTE
+            self.addresses = self._chunk_addresses()
+            self.fd = os.open(path, os.O_WRONLY) if n_events else None
+        except BaseException:
+            self.h5.close()
+            raise
+        self.lock = threading.Lock()
         self.id_dtype = f"S{id_len}"
         self.event_ids: list[bytes] = []
         self.times: list[int] = []
@@ -218,33 +237,77 @@ class SplitWriter:
         self.window_start: list[int] = []
         self.n = 0
 
-    def append(self, event_id: str, time_utc: int, frame_offset: int, frames: np.ndarray, starts: list[int]) -> None:
-        """Write one event: ``frames`` (F', H, W) uint8 C-contiguous, F' <= F, the stored frames,
-        the first of which is frame ``frame_offset`` of the event; ``starts`` its windows' starts
-        relative to ``frames``."""
-        if self.n >= self.vil.shape[0]:
-            raise RuntimeError(f"{self.path.name}: more events than the {self.vil.shape[0]} it was sized for")
+    def _chunk_addresses(self) -> np.ndarray:
+        """(rows, frames) int64: the file offset of each frame's chunk, as HDF5 allocated them."""
+        addresses = np.full((self.n_rows, self.n_frames), -1, np.int64)
+
+        def seen(info) -> None:  # h5py StoreInfo: chunk_offset (row, frame, 0, 0), byte_offset, size
+            addresses[info.chunk_offset[0], info.chunk_offset[1]] = info.byte_offset
+            if info.size != self.frame_bytes or info.filter_mask:
+                raise RuntimeError(f"{self.path.name}: chunk {info.chunk_offset} is {info.size} bytes, not {self.frame_bytes}")
+
+        if self.n_rows:
+            self.vil.id.chunk_iter(seen)
+        if (addresses < 0).any():
+            raise RuntimeError(f"{self.path.name}: HDF5 did not allocate every chunk of vil up front")
+        return addresses
+
+    def reserve(self, event_id: str, time_utc: int, frame_offset: int, starts: list[int]) -> int:
+        """Record the next event (its id, time, first stored frame and its windows' starts relative
+        to the stored frames); return its row, for :meth:`write_row`. Called in event order."""
+        if self.n >= self.n_rows:
+            raise RuntimeError(f"{self.path.name}: more events than the {self.n_rows} it was sized for")
         row = self.n
-        # One frame is one whole chunk, and vil has no filters: hand each frame to HDF5 as the
-        # chunk's bytes (no selection, no copy, no cache). Measured per 7 MB event: ~10% less
-        # time than ``vil[row, :F] = frames`` with no cache, ~35% less than with the default 1 MB.
-        write_chunk = self.vil.id.write_direct_chunk
-        for t in range(frames.shape[0]):
-            write_chunk((row, t, 0, 0), frames[t])
         self.n += 1
         self.event_ids.append(event_id.encode())
         self.times.append(time_utc)
         self.offsets.append(frame_offset)
         self.window_event += [row] * len(starts)
         self.window_start += starts
+        return row
+
+    def write_row(self, row: int, frames: np.ndarray) -> None:
+        """Write row ``row``'s frames: ``frames`` (F', H, W) uint8, each frame C-contiguous, F' <= F;
+        frames F'..F-1 of the row are zeros. Safe to call from several threads for different rows;
+        raises DataError when the disk refuses the write (full, gone)."""
+        n = frames.shape[0]
+        if n > self.n_frames or frames.shape[1] * frames.shape[2] != self.frame_bytes:
+            raise ValueError(f"{self.path.name}: frames {frames.shape} do not fit a row of {self.vil.shape[1:]}")
+        zeros = np.zeros(self.frame_bytes, np.uint8) if n < self.n_frames else None
+        addresses = self.addresses[row].tolist()
+        try:
+            with self.lock:  # the kernel writes to one file one call at a time: waiting here sleeps, not spins
+                for t, address in enumerate(addresses):
+                    # One pwrite per frame, as HDF5 writes a chunk: one pwritev of the whole row (7 MB)
+                    # lets the kernel put it in large page-cache folios, measured up to 3x slower here.
+                    _pwrite_all(self.fd, frames[t] if t < n else zeros, address)
+        except OSError as err:
+            raise DataError(f"{self.path}: cannot write the windows ({err}); free space under "
+                            f"{self.path.parent.parent} or point windows.root elsewhere") from None  # fmt: skip
+
+    def append(self, event_id: str, time_utc: int, frame_offset: int, frames: np.ndarray, starts: list[int]) -> None:
+        """Write one event: :meth:`reserve` then :meth:`write_row`. ``frames`` (F', H, W) uint8, the
+        stored frames, the first of which is frame ``frame_offset`` of the event; ``starts`` its
+        windows' starts relative to ``frames``."""
+        self.write_row(self.reserve(event_id, time_utc, frame_offset, starts), frames)
+
+    def discard(self) -> None:
+        """Close without finishing (on error): the file is left incomplete, for the caller to delete."""
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+        self.h5.close()
 
     def close(self) -> None:
-        """Write the event and window records, close the file."""
+        """Write the event and window records, close the file. Call once every row is written."""
         if self.n == 0:
             log.warning("split %s is empty: %s holds 0 windows; check data.split against the catalog's time_utc range",
                         self.split, self.path.name)  # fmt: skip
-        if self.n != self.vil.shape[0]:
-            raise RuntimeError(f"{self.path.name}: {self.n} events written, sized for {self.vil.shape[0]}")
+        if self.n != self.n_rows:
+            raise RuntimeError(f"{self.path.name}: {self.n} events written, sized for {self.n_rows}")
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
         for name, values in (
             ("event_id", np.array(self.event_ids, self.id_dtype)),
             ("time_utc", np.array(self.times, np.int64)),
@@ -255,6 +318,16 @@ class SplitWriter:
             self.h5.create_dataset(name, data=values)
         self.h5["time_utc"].attrs["units"] = TIME_UNITS
         self.h5.close()
+
+
+def _pwrite_all(fd: int, data: np.ndarray, offset: int) -> None:
+    """Write ``data`` (C-contiguous) at ``offset`` of ``fd``, going on after a short write."""
+    view = memoryview(data).cast("B")
+    while view:
+        done = os.pwrite(fd, view, offset)
+        if done == 0:
+            raise OSError(f"wrote 0 bytes at offset {offset}")
+        view, offset = view[done:], offset + done
 
 
 # ---------------------------------------------------------------------- the reading
@@ -346,38 +419,65 @@ def _catalog_events(raw_dir: Path, split: SplitConfig) -> tuple[pd.DataFrame, di
 
 # ---------------------------------------------------------------------- the stage
 def read_block(vil: sevir.VilFile, start: int, stop: int, out: np.ndarray) -> np.ndarray:
-    """Events ``start:stop`` of ``vil`` as (n, H, W, T) uint8, read into the start of ``out``, a
-    C-contiguous uint8 buffer at least that large (any shape), and returned as a view of it.
+    """Events ``start:stop`` of ``vil`` as (n, H, W, T) uint8. Raises DataError on a corrupt or
+    truncated file, as :meth:`sevir.VilFile.read`.
 
-    A reused buffer saves allocating and faulting in a fresh 7 MB array per event. Raises
-    DataError on a corrupt or truncated file, as :meth:`sevir.VilFile.read`.
+    A file stored as plain bytes (:meth:`sevir.VilFile.contiguous`, as SEVIR's are) is not copied:
+    the events' pages are mapped read-only from the page cache (read from disk first when they are
+    not there, in this call) and the array is a view of the mapping, unmapped when the last view
+    of it is dropped. Otherwise (or where the file system cannot map files) they are read into
+    the start of ``out``, a C-contiguous uint8 buffer at least that large (any shape), and
+    returned as a view of it: reusing it saves faulting in a fresh 7 MB array per event.
     """
     n = stop - start
     if not 0 <= start < stop <= vil.n_events:
         raise DataError(f"{vil.path}: file_index {start}..{stop - 1} out of range (file holds {vil.n_events} events); fix the catalog")
     shape = (n, *vil.vil.shape[1:])
-    block = out.reshape(-1)[: int(np.prod(shape))].reshape(shape)
+    size = int(np.prod(shape))
     failed = f"{vil.path}: read of events {start}..{stop - 1} failed"
     fix = "the file is corrupt or truncated, delete it and rerun fetch"
     where = vil.contiguous()
-    if where is not None:  # plain bytes in the file: one pread, no HDF5 machinery, and the GIL is released
+    if where is not None:  # plain bytes in the file: no HDF5 machinery, and the GIL is released
         fd, offset = where
-        event_bytes = block[0].nbytes
+        first = offset + start * (size // n)  # the block's first byte in the file
+        try:
+            ends = os.fstat(fd).st_size
+        except OSError as err:
+            raise DataError(f"{failed} ({err}); {fix}") from None
+        if ends < first + size:  # checked first: touching a mapped page past the end kills the process (SIGBUS)
+            raise DataError(f"{failed} (file ends at byte {ends}, the events end at byte {first + size}); {fix}")
+        mapped = _map(fd, first, size)
+        if mapped is not None:
+            return mapped.reshape(shape)
+        block = out.reshape(-1)[:size].reshape(shape)
         view, done = memoryview(block.reshape(-1)), 0
         try:
-            while done < block.nbytes:
-                got = os.preadv(fd, [view[done:]], offset + start * event_bytes + done)
+            while done < size:
+                got = os.preadv(fd, [view[done:]], first + done)
                 if got == 0:
-                    raise DataError(f"{failed} (file ends at byte {offset + start * event_bytes + done}); {fix}")
+                    raise DataError(f"{failed} (file ends at byte {first + done}); {fix}")
                 done += got
         except OSError as err:
             raise DataError(f"{failed} ({err}); {fix}") from None
         return block
+    block = out.reshape(-1)[:size].reshape(shape)
     try:
         vil.vil.read_direct(block, source_sel=np.s_[start:stop], dest_sel=np.s_[0:n])
     except (OSError, RuntimeError, ValueError) as err:
         raise DataError(f"{failed} ({err}); {fix}") from None
     return block
+
+
+def _map(fd: int, first: int, size: int) -> np.ndarray | None:
+    """Bytes ``first .. first + size`` of ``fd`` mapped read-only, their pages faulted in now
+    (MAP_POPULATE: read from disk here if they are not cached, so the reader, not the threads
+    that use them, waits for the disk), as a flat uint8 array; None where mapping fails."""
+    base = first - first % mmap.ALLOCATIONGRANULARITY
+    try:
+        mapping = mmap.mmap(fd, first - base + size, mmap.MAP_SHARED | mmap.MAP_POPULATE, mmap.PROT_READ, offset=base)
+    except (OSError, ValueError):
+        return None
+    return np.frombuffer(mapping, np.uint8, size, first - base)
 
 
 def read_events(events: pd.DataFrame, files: dict[str, FileInfo], chunk_events: int,
@@ -445,36 +545,38 @@ class Grid:
 
 def prepare_events(stream: Iterator[tuple[ReadBatch, np.ndarray]], grids: dict[str, Grid], factor: int,
                    frame_shape: tuple[int, int], stats: dict[str, SplitStats], pool: ThreadPoolExecutor,
-                   workers: int = 1) -> Iterator[tuple[Event, np.ndarray, Grid]]:  # fmt: skip
-    """``(event, frames, grid)`` per streamed event, in stream order, ``frames`` (F, h, w) uint8,
-    each frame C-contiguous and the frames a cache line apart (:func:`kernels.frame_buffer`): the
-    stored frames, downsampled and time-major, their window frames counted into ``stats``; valid
-    until the next item is requested.
+                   place: Callable[[Event, Grid], Callable[[np.ndarray], None]], workers: int = 2,
+                   ) -> Iterator[tuple[Event, Grid]]:  # fmt: skip
+    """``(event, grid)`` per streamed event, in stream order, once the event is written.
 
-    Up to ``workers`` events ahead are prepared in ``pool`` (that many threads) while the caller
-    writes the current one and the stream reads the next. Preparing an event is a transpose and a
-    count whose calls release the GIL for their whole run (:mod:`pipeline.sevir.kernels`), and so
-    does the plain-bytes read (:meth:`sevir.VilFile.contiguous`), so with a free core the
-    preparation overlaps the I/O. A read batch must stay valid while the next ``workers`` are
-    read. ``workers + 1`` frame buffers rotate; all buffers are reused, so no fresh pages are
-    faulted in per event. Stats are added here, in order, from each event's counts.
+    Each event is one task in ``pool`` (``workers`` threads): its stored frames are downsampled,
+    turned time-major into a frame buffer (frames a cache line apart, :func:`kernels.frame_buffer`),
+    their window frames counted, and the frames handed to the writer that ``place(event, grid)``
+    returned. ``place`` is called here, in stream order, so rows are assigned in that order
+    whatever order the tasks finish in. Stats are added here too, in order, from each task's counts.
+
+    Up to ``workers`` tasks run while the stream maps (or reads) the next batch: the transpose, the
+    count, the write and the mapped read all run without the GIL (:mod:`pipeline.sevir.kernels`,
+    ``os.pwritev``, MAP_POPULATE), so they overlap on as many cores as there are. A batch must stay
+    valid while the next ``workers`` are read. ``workers + 1`` frame buffers rotate: no fresh
+    pages are faulted in per event.
     """
     n_max = max(grid.n_stored for grid in grids.values())
     buffers = [kernels.frame_buffer(n_max, *frame_shape) for _ in range(workers + 1)]
     pending: collections.deque[tuple[Event, Future, Grid]] = collections.deque()
 
-    def done() -> tuple[Event, np.ndarray, Grid]:
+    def done() -> tuple[Event, Grid]:
         event, future, grid = pending.popleft()
-        frames, counts = future.result()
-        stats[event.split].add_counts(*counts)
-        return event, frames, grid
+        stats[event.split].add_counts(*future.result())
+        return event, grid
 
     n = 0
     for batch, block in stream:  # block: (k, H, W, T) uint8
         grid = grids[batch.file_name]
         for raw, event in zip(block, batch.events, strict=True):
-            # Event n's buffer was last used by event n - workers - 1, already yielded and written.
-            pending.append((event, pool.submit(_prepare, raw, factor, grid, buffers[n % (workers + 1)]), grid))
+            # Event n's buffer was last used by event n - workers - 1, whose task is done.
+            task = pool.submit(_prepare, raw, factor, grid, buffers[n % (workers + 1)], place(event, grid))
+            pending.append((event, task, grid))
             n += 1
             if len(pending) > workers:
                 yield done()
@@ -482,21 +584,27 @@ def prepare_events(stream: Iterator[tuple[ReadBatch, np.ndarray]], grids: dict[s
         yield done()
 
 
-def _prepare(raw: np.ndarray, factor: int, grid: Grid, out: np.ndarray) -> tuple[np.ndarray, tuple[int, np.ndarray]]:
+def _prepare(raw: np.ndarray, factor: int, grid: Grid, out: np.ndarray,
+             write: Callable[[np.ndarray], None]) -> tuple[int, np.ndarray]:  # fmt: skip
+    """One event's task: downsample, time-major into ``out``, count, ``write``; returns the counts."""
     kept = downsample(raw[:, :, grid.raw_slice], factor)  # (h, w, F), a view when factor is 1
     frames = to_time_major(kept, out=out[: grid.n_stored])  # (F, h, w)
     lo = grid.starts[0] - grid.first  # the windows' frames; long-clip-only frames are not counted
-    return frames, count_pixels(frames[lo : grid.starts[-1] + grid.window_len - grid.first])
+    counts = count_pixels(frames[lo : grid.starts[-1] + grid.window_len - grid.first])
+    write(frames)
+    return counts
 
 
 def prepare_workers(windows: WindowsConfig) -> int:
-    """Threads preparing events: ``windows.workers``, or by default one per CPU beyond the one that
-    reads and writes, 1 to 4. Each event is two calls that run without the GIL (transpose, count),
-    so one worker keeps up with the I/O at 384x384 when it has a core of its own; measured on 2
-    CPUs, a second worker only competes with the reader for the cores (5-10% slower)."""
+    """Threads preparing and writing events: ``windows.workers``, or by default one per CPU, 2 to 4.
+
+    The main thread only maps the next events (reading them from disk when they are not cached);
+    a worker's task (transpose, count, write: ~5 ms at 384x384x49) runs without the GIL, so two
+    workers keep two cores busy while the mapping overlaps them. One worker would leave the
+    transform and the write one after the other."""
     if windows.workers is not None:
         return windows.workers
-    return max(1, min(4, (os.cpu_count() or 2) - 1))
+    return max(2, min(4, os.cpu_count() or 2))
 
 
 # ------------------------------------------------------------- leftovers of killed runs
@@ -599,10 +707,11 @@ def _write_windows(raw_dir: Path, windows: WindowsConfig, split: SplitConfig, st
             for name in SPLITS
         }
         for writer in writers.values():
-            stack.callback(writer.h5.close)  # on error; a clean run closes (and warns on empty) below
+            stack.callback(writer.discard)  # on error; after a clean close it does nothing
         if grids:
             # Events of the last `workers` batches may still be prepared while the next is read into the
-            # buffer of the batch before them (prepare_events keeps at most `workers` events pending).
+            # buffer of the batch before them (prepare_events keeps at most `workers` events pending);
+            # only files that cannot be mapped (chunked, compressed) are read into these buffers.
             workers = prepare_workers(windows)
             read_buffers = [np.empty(windows.chunk_events * raw_h * raw_w * raw_t, np.uint8) for _ in range(workers + 1)]
             stream = stack.enter_context(closing(read_events(events, files, windows.chunk_events, read_buffers)))
@@ -610,8 +719,13 @@ def _write_windows(raw_dir: Path, windows: WindowsConfig, split: SplitConfig, st
                 tqdm(total=len(events), unit="event", desc="chunk", disable=None if progress else True)
             )
             pool = stack.enter_context(ThreadPoolExecutor(max_workers=workers, thread_name_prefix="chunk-prepare"))
-            for event, frames, grid in prepare_events(stream, grids, factor, frame_shape, stats, pool, workers):
-                writers[event.split].append(event.id, event.epoch_s, grid.frame_offset, frames, grid.stored_starts)
+
+            def place(event: Event, grid: Grid) -> Callable[[np.ndarray], None]:
+                writer = writers[event.split]
+                row = writer.reserve(event.id, event.epoch_s, grid.frame_offset, grid.stored_starts)
+                return functools.partial(writer.write_row, row)
+
+            for event, grid in prepare_events(stream, grids, factor, frame_shape, stats, pool, place, workers):
                 stats[event.split].events += 1
                 stats[event.split].windows += len(grid.starts)
                 bytes_read += grid.n_frames * raw_h * raw_w
