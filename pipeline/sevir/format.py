@@ -155,9 +155,10 @@ class VilFile:
         """``(fd, byte offset)`` of the ``vil`` dataset when it is stored as plain contiguous bytes
         (no chunks, no filters, no external storage: how SEVIR's files are written), else None.
 
-        Event ``i`` is then the ``H*W*T`` bytes at ``offset + i*H*W*T``, readable with ``os.preadv``
-        into any buffer: ~the speed of a plain read, with the GIL free meanwhile (an h5py read holds
-        it). The descriptor is opened on the first call and closed with the file.
+        Event ``i`` is then the ``H*W*T`` bytes at ``offset + i*H*W*T``: mapped from the page cache
+        with no copy, or read with ``os.preadv`` into any buffer (~the speed of a plain read), with
+        the GIL free meanwhile (an h5py read holds it). The descriptor is opened on the first call,
+        marked for sequential read-ahead, and closed with the file.
         """
         if self._raw is False:
             self._raw = None
@@ -166,6 +167,10 @@ class VilFile:
                 offset = self.vil.id.get_offset()
                 if plist.get_layout() == h5py.h5d.CONTIGUOUS and plist.get_external_count() == 0 and offset is not None:
                     self._raw = (os.open(self.path, os.O_RDONLY), int(offset))
+                    # Events are read in file order: a wider read-ahead (measured: cold chunk runs a few
+                    # % faster and steadier when the events are mapped).
+                    with contextlib.suppress(OSError):
+                        os.posix_fadvise(self._raw[0], 0, 0, os.POSIX_FADV_SEQUENTIAL)
             except (AttributeError, OSError, RuntimeError, ValueError):
                 self._raw = None
         return self._raw  # type: ignore[return-value]
