@@ -33,9 +33,9 @@ memory stays at a few events whatever the file size. The main thread maps each b
 the page cache (:func:`read_block`; no copy) while ``windows.workers`` threads each take one event,
 turn it time-major, count its pixels (:mod:`pipeline.sevir.kernels`) and write it straight into
 its row's chunks, allocated when the file was made (:class:`SplitWriter`): all without the GIL.
-Everything is written into a temporary
-directory that replaces ``windows.root`` only at the end (:func:`pipeline.sevir.atomic_dir`);
-temporary directories left by a killed run are removed by the next run (:func:`sweep_stale_tmp`).
+Everything is written into a temporary directory that replaces ``windows.root`` only at the end
+(:func:`pipeline.sevir.atomic_dir`); temporary directories left by a killed run are removed by the
+next run (:func:`sweep_stale_tmp`).
 """
 
 from __future__ import annotations
@@ -557,7 +557,7 @@ def prepare_events(stream: Iterator[tuple[ReadBatch, np.ndarray]], grids: dict[s
 
     Up to ``workers`` tasks run while the stream maps (or reads) the next batch: the transpose, the
     count, the write and the mapped read all run without the GIL (:mod:`pipeline.sevir.kernels`,
-    ``os.pwritev``, MAP_POPULATE), so they overlap on as many cores as there are. A batch must stay
+    ``os.pwrite``, MAP_POPULATE), so they overlap on as many cores as there are. A batch must stay
     valid while the next ``workers`` are read. ``workers + 1`` frame buffers rotate: no fresh
     pages are faulted in per event.
     """
