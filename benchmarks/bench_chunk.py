@@ -5,7 +5,7 @@
 Builds a SEVIR-format VIL file (uncompressed, contiguous, N x H x W x T uint8) and a catalog
 spreading its events over the three splits, then measures in one run:
 
-  (a) a plain h5py read of the file, event by event (the floor any chunker pays);
+  (a) a plain h5py read of the file, event by event (what any chunker that copies its reads pays);
   (b) the chunk pipeline (pipeline.sevir.windows.write_windows) over the same file: MB/s of raw VIL
       read and of split files written, and the ratios (b)/(a) and (b)/(c) (the target: (b)/(c) >= 0.8);
   a per-step split of (b) (read, to time-major, stats, writes) in ms per event;
@@ -115,7 +115,8 @@ def plain_read(path: Path) -> tuple[int, float]:
 
 def io_floor(path: Path, out: Path, n_stored: int, factor: int) -> tuple[int, float]:
     """(bytes read, seconds) of reading every event into a reused buffer and writing as many
-    frame chunks as the chunker writes, straight from that buffer: the I/O any chunker pays."""
+    frame chunks as the chunker writes, straight from that buffer: the I/O a chunker pays that reads
+    and writes through h5py."""
     began = time.perf_counter()
     total = 0
     with h5py.File(path, "r") as src, h5py.File(out, "w", rdcc_nbytes=0) as dst:

@@ -229,6 +229,7 @@ class SplitWriter:
             self.h5.close()
             raise
         self.lock = threading.Lock()
+        self.zero_frame = np.zeros(h * w, np.uint8)  # the unused tail of rows shorter than n_frames
         self.id_dtype = f"S{id_len}"
         self.event_ids: list[bytes] = []
         self.times: list[int] = []
@@ -273,14 +274,13 @@ class SplitWriter:
         n = frames.shape[0]
         if n > self.n_frames or frames.shape[1] * frames.shape[2] != self.frame_bytes:
             raise ValueError(f"{self.path.name}: frames {frames.shape} do not fit a row of {self.vil.shape[1:]}")
-        zeros = np.zeros(self.frame_bytes, np.uint8) if n < self.n_frames else None
         addresses = self.addresses[row].tolist()
         try:
             with self.lock:  # the kernel writes to one file one call at a time: waiting here sleeps, not spins
                 for t, address in enumerate(addresses):
                     # One pwrite per frame, as HDF5 writes a chunk: one pwritev of the whole row (7 MB)
                     # lets the kernel put it in large page-cache folios, measured up to 3x slower here.
-                    _pwrite_all(self.fd, frames[t] if t < n else zeros, address)
+                    _pwrite_all(self.fd, frames[t] if t < n else self.zero_frame, address)
         except OSError as err:
             raise DataError(f"{self.path}: cannot write the windows ({err}); free space under "
                             f"{self.path.parent.parent} or point windows.root elsewhere") from None  # fmt: skip
