@@ -2,7 +2,8 @@
 
     python -m pipeline.chunk [--params params.yaml] [--stats reports/data/chunk_stats.json]
 
-Splits the catalog's VIL events chronologically (data.split), cuts each event into
+Splits the catalog's VIL events chronologically (data.split, on each event's whole frame span;
+events straddling a boundary are dropped and counted in the stats), cuts each event into
 input+target windows (windows.*) and writes one HDF5 file per split; see
 :mod:`pipeline.sevir.windows` for the file layout and the window rule.
 """

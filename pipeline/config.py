@@ -91,10 +91,11 @@ class LocalSource(Section):
 
 
 class SplitConfig(Section):
-    """Chronological split on ``time_utc`` (default: the Earthformer dates)."""
+    """Chronological split on each event's frame span (default: the Earthformer dates); the rule is
+    :func:`pipeline.sevir.windows.assign_splits`."""
 
-    train_end: dt.datetime = dt.datetime(2019, 1, 1)  # train: time_utc <= train_end
-    val_end: dt.datetime = dt.datetime(2019, 6, 1)  # val: train_end < time_utc <= val_end; test after
+    train_end: dt.datetime = dt.datetime(2019, 1, 1)  # train: last frame < train_end
+    val_end: dt.datetime = dt.datetime(2019, 6, 1)  # val: first frame >= train_end, last < val_end; test: first >= val_end
 
     @model_validator(mode="after")
     def _ordered(self) -> SplitConfig:

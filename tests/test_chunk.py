@@ -63,16 +63,18 @@ class Sample:
 
 
 def make_sample(root: Path, frames: int = 49, seed: int = 0, frames_2019: int | None = None) -> Sample:
-    """Two files, nine usable VIL events across the three splits (two exactly on a boundary),
-    plus rows chunk must drop: another image type, pct_missing > 0, a duplicated id. The 2019
-    file's events have ``frames_2019`` frames (default: ``frames``)."""
+    """Two files, nine usable VIL events across the three splits (four with their last frame just
+    before a boundary or their first frame on it; time_utc is an event's middle frame), plus rows
+    chunk must drop: another image type, pct_missing > 0, a duplicated id. The 2019 file's events
+    have ``frames_2019`` frames (default: ``frames``)."""
     rng = np.random.default_rng(seed)
     sample = Sample(raw=root)
     files = {
         # file_name: [(id, time_utc), ...] in file order; "X..." rows are dropped by the catalog filter
+        # S4 and R7 end at 23:55 before a boundary, S5 and S8 start on one (at 49 frames: time_utc -/+ 120 min)
         FILE_2018: [("S1", "2018-03-01 10:00:00"), ("X1", "2018-04-01 10:00:00"), ("S2", "2018-05-01 10:00:00"),
-                    ("S3", "2018-12-31 23:00:00"), ("S4", "2019-01-01 00:00:00"), ("S5", "2019-01-01 00:05:00")],
-        FILE_2019: [("S6", "2019-03-01 12:00:00"), ("R7", "2019-06-01 00:00:00"), ("S8", "2019-06-01 00:05:00"),
+                    ("S3", "2018-12-31 21:00:00"), ("S4", "2018-12-31 21:55:00"), ("S5", "2019-01-01 02:00:00")],
+        FILE_2019: [("S6", "2019-03-01 12:00:00"), ("R7", "2019-05-31 21:55:00"), ("S8", "2019-06-01 02:00:00"),
                     ("X2", "2019-07-01 00:00:00"), ("R9", "2019-09-17 19:54:00")],
     }  # fmt: skip
     rows = []

@@ -28,6 +28,11 @@ kept frames, so an event yields ``floor((T' - L) / stride) + 1`` windows (T' >= 
 not shifted, so the count is ``floor((T' - L) / stride) - ceil((M - L) / stride) + 1``.
 :func:`window_starts` is the one rule (on T'); :func:`kept_frames` gives T'.
 
+Splits are chronological on each event's whole frame span, from its catalog ``time_utc`` (the
+middle frame) and its file's frame count: train ends before ``train_end``, val lies in
+[train_end, val_end), test starts at or after ``val_end``; an event straddling a boundary is
+dropped and counted (:func:`assign_splits`), so no split's frames overlap the next one's.
+
 Events are streamed: grouped by file, in ``file_index`` order, ``chunk_events`` at a time, so
 memory stays at a few events whatever the file size. The main thread maps each batch's bytes from
 the page cache (:func:`read_block`; no copy) while ``windows.workers`` threads each take one event,
@@ -73,6 +78,8 @@ from pipeline.sevir import kernels
 log = logging.getLogger("pipeline.sevir.windows")
 
 SPLITS = ("train", "val", "test")
+# assign_splits' name for an event whose frames straddle a split boundary (dropped), by boundary
+STRADDLES = {"train_end": "straddles_train_end", "val_end": "straddles_val_end"}
 SCALE_NOTE = "uint8 0-255; divide by 255"
 TIME_UNITS = "seconds since 1970-01-01 00:00:00 UTC"
 # Coarse intensity bins for the stats: the standard VIL thresholds are the edges.
@@ -102,10 +109,31 @@ def stored_range(starts: list[int], window_len: int, long_len: int) -> tuple[int
     return starts[0] + window_len - long_len, starts[-1] + window_len
 
 
-def assign_splits(times: pd.Series, split: SplitConfig) -> pd.Series:
-    """``train`` for time <= train_end, ``val`` for train_end < time <= val_end, else ``test``."""
+def frame_span(times: pd.Series, n_frames: int | pd.Series) -> tuple[pd.Series, pd.Series]:
+    """``(first, last)``: the times of the first and last frames of events of ``n_frames`` frames
+    whose catalog ``time_utc`` is ``times``. SEVIR's time_utc is an event's middle frame: frame t
+    is at ``time_utc + (t - (T - 1) // 2) * 5 min`` (T = 49: -120 .. +120 min)."""
+    frames = pd.Series(n_frames, index=times.index) if np.isscalar(n_frames) else n_frames
+    before = (frames.astype(np.int64) - 1) // 2  # frames before the middle one
+    after = frames.astype(np.int64) - 1 - before
+    step = pd.Timedelta(minutes=sevir.FRAME_MINUTES)
+    return times - before.to_numpy() * step, times + after.to_numpy() * step
+
+
+def assign_splits(times: pd.Series, split: SplitConfig, n_frames: int | pd.Series) -> pd.Series:
+    """The split of each event by its whole frame span (:func:`frame_span`), so that no train frame
+    is as late as a val or test frame and no val frame as late as a test frame: ``train`` when its
+    last frame is before train_end, ``val`` when its first frame is at or after train_end and its
+    last before val_end, ``test`` when its first frame is at or after val_end. An event whose
+    frames straddle a boundary is ``straddles_train_end`` or ``straddles_val_end`` (the first
+    boundary it straddles): it belongs to no split and is dropped."""
     train_end, val_end = _naive_utc(split.train_end), _naive_utc(split.val_end)
-    names = np.where(times <= train_end, "train", np.where(times <= val_end, "val", "test"))
+    first, last = frame_span(times, n_frames)
+    names = np.select(
+        [last < train_end, first < train_end, last < val_end, first < val_end],
+        ["train", STRADDLES["train_end"], "val", STRADDLES["val_end"]],
+        default="test",
+    )
     return pd.Series(names, index=times.index, name="split")
 
 
@@ -403,7 +431,7 @@ def check_files(events: pd.DataFrame, data_root: Path) -> dict[str, FileInfo]:
     return files
 
 
-def _catalog_events(raw_dir: Path, split: SplitConfig) -> tuple[pd.DataFrame, dict[str, int]]:
+def _catalog_events(raw_dir: Path) -> tuple[pd.DataFrame, dict[str, int]]:
     catalog = sevir.read_catalog(raw_dir)
     is_vil = catalog["img_type"].astype(str).str.lower() == "vil"
     missing = int((is_vil & (pd.to_numeric(catalog["pct_missing"], errors="coerce") != 0)).sum())
@@ -412,9 +440,24 @@ def _catalog_events(raw_dir: Path, split: SplitConfig) -> tuple[pd.DataFrame, di
         raise DataError(
             f"{raw_dir / sevir.CATALOG_NAME}: no VIL event with pct_missing == 0; check the catalog or rerun fetch"
         )
-    events["split"] = assign_splits(events["time_utc"], split)
     dropped = {"events_dropped_missing": missing, "events_dropped_duplicate": int(is_vil.sum()) - missing - len(events)}
     return events, dropped
+
+
+def split_events(events: pd.DataFrame, files: dict[str, FileInfo],
+                 split: SplitConfig) -> tuple[pd.DataFrame, dict[str, int]]:  # fmt: skip
+    """``events`` with a ``split`` column (:func:`assign_splits`, each event's frame count from its
+    file), less the events straddling a boundary; and how many were dropped at each boundary."""
+    n_frames = events["file_name"].map(lambda name: files[str(name)].n_frames)
+    names = assign_splits(events["time_utc"], split, n_frames)
+    counts = names.value_counts()
+    dropped = {f"events_dropped_straddle_{b}": int(counts.get(name, 0)) for b, name in STRADDLES.items()}
+    if any(dropped.values()):
+        log.info("data.split: dropped %d event(s) whose frames straddle train_end (%s) and %d straddling val_end (%s), "
+                 "so that no split's frames overlap the next one's", dropped["events_dropped_straddle_train_end"],
+                 split.train_end, dropped["events_dropped_straddle_val_end"], split.val_end)  # fmt: skip
+    events = events.assign(split=names)
+    return events.loc[names.isin(SPLITS)].reset_index(drop=True), dropped
 
 
 # ---------------------------------------------------------------------- the stage
@@ -670,8 +713,10 @@ def write_windows(raw_dir: Path, windows: WindowsConfig, split: SplitConfig, sta
 def _write_windows(raw_dir: Path, windows: WindowsConfig, split: SplitConfig, stats_path: Path,
                    progress: bool) -> dict:  # fmt: skip
     began = time.perf_counter()
-    events, dropped = _catalog_events(raw_dir, split)
+    events, dropped = _catalog_events(raw_dir)
     files = check_files(events, sevir.data_root_of(raw_dir))
+    events, straddling = split_events(events, files, split)
+    dropped |= straddling
     raw_h, raw_w = next(iter(files.values())).frame_shape
     factor = windows.downsample
     if raw_h % factor or raw_w % factor:
@@ -691,7 +736,7 @@ def _write_windows(raw_dir: Path, windows: WindowsConfig, split: SplitConfig, st
                     kept_frames(info.n_frames, windows.frame_step), windows.frame_step, windows.long_len, n)  # fmt: skip
     for name, n in events.loc[short, "split"].value_counts().items():
         stats[str(name)].events_skipped_short = int(n)
-    id_len = max(1, int(events["id"].astype(str).str.len().max()))
+    id_len = max(1, int(events["id"].astype(str).str.len().max())) if len(events) else 1  # none when all straddle
     events = events.loc[~short]
     grids = {name: grid for name, grid in grids.items() if grid is not None}
     # Every row holds as many frames as the longest stored range (all equal unless files differ in T).
