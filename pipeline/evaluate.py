@@ -55,30 +55,34 @@ def main(argv: list[str] | None = None) -> None:
         raise PipelineError(f"{ckpt_path}: no phase-2 checkpoint; run train_phase2 first (dvc repro train_phase2)")
 
     ckpt = read_checkpoint(ckpt_path)
-    dataset = evaluation.open_windows(cfg.windows.root / f"{split}.h5", ckpt["data"])
+    windows_path = cfg.windows.root / f"{split}.h5"
+    dataset = evaluation.open_windows(windows_path, ckpt["data"])
     device, precision = resolve_device(cfg.train.device, cfg.train.precision)
     forecasters = {"model": model_from_checkpoint(ckpt_path, cfg.model, device=device, precision=precision)}
     forecasters.update({name: get_method(name) for name in cfg.evaluate.baselines})
-    log.info("evaluate: %s split, %d windows, checkpoint %s (phase %s, epoch %s), %s, on %s %s",
-             split, len(dataset), ckpt_path, ckpt.get("phase"), ckpt.get("epoch"), ", ".join(forecasters),
+    minutes = evaluation.frame_minutes(windows_path)  # lead j is j x minutes (10 at windows.frame_step 2)
+    log.info("evaluate: %s split, %d windows (%d-minute frames), checkpoint %s (phase %s, epoch %s), %s, on %s %s",
+             split, len(dataset), minutes, ckpt_path, ckpt.get("phase"), ckpt.get("epoch"), ", ".join(forecasters),
              device, precision)  # fmt: skip
 
     with stage_run(cfg, "evaluate", ("evaluate",)) as mlflow:
-        mlflow.log_params({"evaluate.split_scored": split, "evaluate.checkpoint": str(ckpt_path)})
+        mlflow.log_params({"evaluate.split_scored": split, "evaluate.checkpoint": str(ckpt_path),
+                           "evaluate.frame_minutes": minutes})  # fmt: skip
         result = evaluation.evaluate(dataset, forecasters, cfg.evaluate, device=device,
                                      num_workers=cfg.train.num_workers)  # fmt: skip
         if result.scores["model"]["mse"] is None:
             raise PipelineError(f"{ckpt_path}: the model forecasts NaN or inf on the {split} split; retrain (dvc repro train_phase2)")
         out = cfg.evaluate.reports_dir
         doc = reports.metrics_document(result.scores, result.windows)
-        tables = reports.per_lead_tables(result.scores)
+        tables = reports.per_lead_tables(result.scores, frame_minutes=minutes)
         shutil.rmtree(out / "per_lead", ignore_errors=True)  # no CSV of a forecaster dropped since the last run
         csvs = reports.write_per_lead_csvs(out / "per_lead", tables)
         title = f"{split}, {result.windows} windows"
         pngs = reports.plot_per_lead(out / "plots", tables, list(forecasters), title=title)
         examples = evaluation.forecast_examples(dataset, forecasters, result.examples, device=device)
         names = [f"{info['event_id']}\nframe {info['start']}" for info in map(dataset.info, result.examples)]
-        gallery = reports.plot_gallery(out / "plots" / "gallery.png", examples, cfg.evaluate.example_leads, names)
+        gallery = reports.plot_gallery(out / "plots" / "gallery.png", examples, cfg.evaluate.example_leads, names,
+                                       frame_minutes=minutes)  # fmt: skip
         summary = out / "summary.md"
         reports.write_atomic(summary, reports.summary_markdown(doc, split))
         metrics_path = out / "metrics.json"

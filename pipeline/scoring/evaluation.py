@@ -15,10 +15,12 @@ from itertools import islice
 from pathlib import Path
 from typing import Any
 
+import h5py
 import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from pipeline import sevir
 from pipeline.errors import DataError
 from pipeline.scoring.forecasters import Forecaster
 from pipeline.scoring.scores import ScoreAccumulator
@@ -69,6 +71,38 @@ def open_windows(path: Path, data: dict[str, int] | None = None) -> WindowDatase
             f"{path}: the {path.stem} split holds no windows; move data.split dates or add events (data.synthetic.n_events)"
         )
     return dataset
+
+
+def frame_minutes(path: Path) -> int:
+    """Minutes between consecutive frames of a windows file: lead ``j`` (1-based) is ``j`` times this.
+
+    Read from the file's ``frame_minutes`` attribute (stage chunk writes ``frame_step`` x 5 min);
+    a file written before chunk stored it gets ``frame_step`` x 5 (``frame_step`` 1 when that is
+    missing too), and the fallback is logged.
+    """
+    path = Path(path)
+    try:
+        with h5py.File(path, "r") as h5:
+            attrs = {key: h5.attrs[key] for key in ("frame_minutes", "frame_step") if key in h5.attrs}
+    except OSError as err:
+        raise DataError(f"{path}: not a windows file ({err}); rerun the chunk stage") from None
+    if "frame_minutes" in attrs:
+        key, value = "frame_minutes", attrs["frame_minutes"]
+    else:
+        key, value = "frame_step", attrs.get("frame_step", 1)
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        number = float("nan")
+    if not (number >= 1 and number.is_integer()):
+        raise DataError(f"{path}: attribute {key} = {value!r} is not a positive whole number; rerun the chunk stage")
+    value = int(number)
+    if key == "frame_minutes":
+        return value
+    minutes = value * sevir.FRAME_MINUTES
+    log.info("%s: no frame_minutes attribute (an older chunk wrote it); lead times from frame_step %d x %d min = %d min",
+             path, value, sevir.FRAME_MINUTES, minutes)  # fmt: skip
+    return minutes
 
 
 def evaluate(dataset: WindowDataset, forecasters: dict[str, Forecaster], evaluate_cfg: Any,

@@ -2,7 +2,8 @@
 
 The nested run gets every number of metrics.json as a metric (``model.csi_m``, ``model.csi.16``,
 ``model_vs_baselines.persistence.csi_m_ratio``, ...), the per-lead curves as stepped metrics
-(``model.lead.csi_m`` at step = lead time in minutes) and the report files as artifacts. The
+(``model.lead.csi_m`` at step = lead time in minutes, the tables' ``lead_min``: 10, 20, ... for
+10-minute frames) and the report files as artifacts. The
 pipeline's parent run gets the headline numbers (``<forecaster>.csi_m``, ``.hss_m``, ``.mse``,
 ``.ssim``, ``.csi.<T>``, and the model's CSI-M ratio to each baseline), so the MLflow compare view
 lines pipeline runs up side by side. Scores of the val split are prefixed ``val.`` in the parent.

@@ -13,6 +13,8 @@ Layout under the reports directory::
     plots/gallery.png         heavy-rain test windows: inputs, truth, every forecaster
     summary.md                the headline table for people
 
+Lead times are in minutes: lead ``j`` (1-based) is ``j x frame_minutes``, the windows file's frame
+interval (:func:`pipeline.scoring.evaluation.frame_minutes`; 10 at ``windows.frame_step: 2``).
 Undefined scores are ``null`` in JSON and empty cells in CSV, everywhere. Every file is written
 to a temporary name and renamed, so a killed stage leaves no half-written report.
 """
@@ -30,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-FRAME_MINUTES = 5  # SEVIR frames are 5 minutes apart
+FRAME_MINUTES = 5  # SEVIR frames are 5 minutes apart: the default interval (windows.frame_step 1)
 GAP_KEYS = ("csi_m", "hss_m", "csi_pool4_m", "csi_pool16_m", "mse", "mae", "ssim")
 
 # The SEVIR VIL colour map (MIT-AI-Accelerator/neurips-2020-sevir display code): bins on the 0-255 scale.
@@ -101,12 +103,15 @@ def write_metrics(path: Path, doc: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------ per-lead CSV
-def lead_minutes(out_len: int) -> list[int]:
-    return [FRAME_MINUTES * (i + 1) for i in range(out_len)]
+def lead_minutes(out_len: int, frame_minutes: int = FRAME_MINUTES) -> list[int]:
+    """Minutes after the forecast origin of each of ``out_len`` target frames ``frame_minutes`` apart."""
+    return [frame_minutes * (i + 1) for i in range(out_len)]
 
 
-def per_lead_tables(scores: dict[str, dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    """``{"csi_m": rows, "mse": rows, "csi_16": rows, ...}``; a row is ``{"lead_min", <forecaster>: value}``."""
+def per_lead_tables(scores: dict[str, dict[str, Any]],
+                    frame_minutes: int = FRAME_MINUTES) -> dict[str, list[dict[str, Any]]]:  # fmt: skip
+    """``{"csi_m": rows, "mse": rows, "csi_16": rows, ...}``; a row is ``{"lead_min", <forecaster>: value}``,
+    ``lead_min`` the lead in minutes with frames ``frame_minutes`` apart (the windows file's)."""
     names = list(scores)
     first = scores[names[0]]["per_lead"]
     out_len = len(first["csi_m"])
@@ -117,7 +122,7 @@ def per_lead_tables(scores: dict[str, dict[str, Any]]) -> dict[str, list[dict[st
         series["mse"][name] = lead["mse"]
         for thr, values in lead["csi"].items():
             series.setdefault(f"csi_{thr}", {})[name] = values
-    minutes = lead_minutes(out_len)
+    minutes = lead_minutes(out_len, frame_minutes)
     return {
         metric: [{"lead_min": minutes[j], **{n: by_name[n][j] for n in names}} for j in range(out_len)]
         for metric, by_name in series.items()
@@ -167,7 +172,7 @@ def _draw_lines(ax: Any, rows: list[dict[str, Any]], names: Sequence[str], scale
                 label=FORECASTER_LABELS.get(name, name))  # fmt: skip
     ax.set_xlabel("lead time (min)")
     ax.grid(alpha=0.3)
-    ax.set_xlim(0, rows[-1]["lead_min"] + FRAME_MINUTES)
+    ax.set_xlim(0, rows[-1]["lead_min"] + rows[0]["lead_min"])  # the first lead is one frame interval
 
 
 def plot_per_lead(directory: Path, tables: dict[str, list[dict[str, Any]]], names: Sequence[str],
@@ -222,11 +227,12 @@ def vil_colormap() -> tuple[Any, Any]:
 
 
 def plot_gallery(path: Path, examples: dict[str, Any], leads: Sequence[int], titles: Sequence[str] = (),
-                 n_inputs: int = 4) -> Path | None:  # fmt: skip
+                 n_inputs: int = 4, frame_minutes: int = FRAME_MINUTES) -> Path | None:  # fmt: skip
     """The forecast gallery: per window, a row of the last inputs, then truth and every forecaster at ``leads``.
 
     ``examples`` as returned by :func:`pipeline.scoring.evaluation.forecast_examples` (0-255 numpy).
-    ``leads`` are 1-based lead indices; labels are in minutes (input frames: minutes before the origin).
+    ``leads`` are 1-based lead indices; labels are in minutes, frames ``frame_minutes`` apart (input
+    frames: minutes before the origin).
     ``titles`` name the windows (a short line or two, drawn in the label column).
     """
     if examples["inputs"] is None:
@@ -256,7 +262,7 @@ def plot_gallery(path: Path, examples: dict[str, Any], leads: Sequence[int], tit
             if c < n_in:
                 k = t_in - n_in + c  # frame index within the inputs
                 image = ax.imshow(inputs[w, k], cmap=cmap, norm=norm, interpolation="nearest")
-                ax.set_title(f"{-(t_in - 1 - k) * FRAME_MINUTES} min", fontsize=8)
+                ax.set_title(f"{-(t_in - 1 - k) * frame_minutes} min", fontsize=8)
         for r, (name, frames) in enumerate(rows, start=1):
             _row_label(axes[base + r, 0], name)
             for c in range(n_cols):
@@ -265,7 +271,7 @@ def plot_gallery(path: Path, examples: dict[str, Any], leads: Sequence[int], tit
                 if c < len(leads):
                     image = ax.imshow(frames[w, leads[c] - 1], cmap=cmap, norm=norm, interpolation="nearest")
                     if r == 1:
-                        ax.set_title(f"+{leads[c] * FRAME_MINUTES} min", fontsize=8)
+                        ax.set_title(f"+{leads[c] * frame_minutes} min", fontsize=8)
     fig.subplots_adjust(left=0.01, right=0.88, top=0.97, bottom=0.02, wspace=0.04, hspace=0.22)
     for w in range(1, n_windows):  # a rule between windows
         top = axes[w * (1 + len(rows)) - 1, 1].get_position().y0
