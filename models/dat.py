@@ -51,6 +51,12 @@ from models.blocks import (
 class DeformableWindowAttention(nn.Module):
     """(B, H, W, C) -> (B, H, W, C), H and W multiples of ``window``; ``heads`` divisible by ``groups``."""
 
+    # small start: attention begins close to plain window attention
+    OFFSET_INIT_STD = 0.01
+    # a model-wide init (models.swinlstm._init_weights, applied to every Linear) calls reset_parameters
+    # on modules that set this, after their children: the offset head keeps this init, not Swin's
+    owns_init = True
+
     def __init__(
         self,
         dim: int,
@@ -79,12 +85,15 @@ class DeformableWindowAttention(nn.Module):
         # shared by all groups, as in DAT: the groups differ by their channels, not by weights
         self.offset_conv = nn.Conv2d(group_dim, group_dim, offset_kernel, padding=offset_kernel // 2, groups=group_dim)
         self.offset_head = nn.Linear(group_dim, 2, bias=False)  # the 1x1 conv, channels-last: -> (dx, dy)
-        # small start: attention begins close to plain window attention
-        nn.init.normal_(self.offset_head.weight, std=0.01)
+        self.reset_parameters()
         self.added = AddedPosition(pos, dim, window) if pos in ("absolute", "sincos") else None
         if pos == "relative":
             self.bias_table = nn.Parameter(torch.zeros(heads, 2 * window - 1, 2 * window - 1))  # (nh, dy, dx)
             nn.init.trunc_normal_(self.bias_table, std=0.02)
+
+    def reset_parameters(self) -> None:
+        """The offset head's own initialisation: normal with std OFFSET_INIT_STD (the offsets start near 0)."""
+        nn.init.normal_(self.offset_head.weight, std=self.OFFSET_INIT_STD)
 
     def forward(self, x: Tensor) -> Tensor:
         B, H, W, C = x.shape

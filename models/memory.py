@@ -21,7 +21,8 @@
 Nothing here normalises an exactly-zero vector with an unbounded gain: the
 correlation's L2 norm has a floor (:func:`unit`), the conv encoders keep
 PyTorch's default (non-zero) biases, so an all-zero clip gives a non-constant
-query (see issue 6 and models.blocks.PatchEmbed).
+query (an exactly constant token would make a LayerNorm amplify the gradient
+by 1 / sqrt(eps); see models.blocks.PatchEmbed).
 """
 
 from __future__ import annotations
@@ -150,12 +151,19 @@ class CosineRead(nn.Module):
 
 
 class AttentionRead(nn.Module):
-    """The reference's read: a transformer layer whose queries are the query tokens and whose memory is the bank.
+    """The reference's transformer read of the bank, with the query used for addressing only.
 
-    x = query + position embedding; x += SelfAttention(LN x); x += CrossAttention(LN x -> LN bank, values
-    bank); x += FeedForward(LN x); out = sigmoid(LN x), bounded to 0-1. The position embedding is a
-    learned (POS_GRID x POS_GRID) table resized bilinearly to the query grid (the reference's is a fixed
-    6 x 6: it only works at 384 x 384).
+    Addressing: x = query + position embedding; x += SelfAttention(LN x) (the query tokens see each
+    other); per head, weights w = softmax(cross_q(LN x) . cross_k(LN bank)) over the slots. Recall:
+    c = cross_out(w @ cross_v(bank)), out = sigmoid(LN(c + FeedForward(c))), bounded to 0-1. The
+    position embedding is a learned (POS_GRID x POS_GRID) table resized bilinearly to the query grid
+    (the reference's is a fixed 6 x 6: it only works at 384 x 384).
+
+    Unlike the reference, no residual carries x (the query) past the cross-attention: there the output
+    is sigmoid(LN(x + ...)), so the query's content reaches the fused memory directly, and in phase 1
+    the query is built from the long clip, target frames included: the read would hand the future to
+    the backbone (a shortcut phase 2 and inference cannot take). Here the output depends on the query
+    only through w: a bank of identical slots recalls the same memory for every query.
     """
 
     POS_GRID = 8
@@ -177,8 +185,8 @@ class AttentionRead(nn.Module):
         self.ff = nn.Sequential(nn.LayerNorm(dim), nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, dim))
         self.norm_out = nn.LayerNorm(dim)
 
-    def forward(self, query: Tensor, bank: Tensor) -> Tensor:
-        """query (B, h, w, D), bank (S, D) -> (B, h, w, D) on 0-1."""
+    def address(self, query: Tensor, bank: Tensor) -> Tensor:
+        """query (B, h, w, D), bank (S, D) -> attention weights (B, heads, h * w, S), each row a distribution."""
         B, h, w, D = query.shape
         p = self.dropout if self.training else 0.0
         pos = F.interpolate(self.pos, size=(h, w), mode="bilinear", align_corners=False)  # (1, D, h, w)
@@ -186,13 +194,26 @@ class AttentionRead(nn.Module):
         q, k, v = self.self_qkv(self.norm_self(x)).chunk(3, dim=-1)
         heads = (_heads(t, self.heads) for t in (q, k, v))
         x = x + self.self_out(_merge(F.scaled_dot_product_attention(*heads, dropout_p=p)))
-        slots = bank.to(x.dtype)[None].expand(B, -1, -1)  # (B, S, D)
-        q = _heads(self.cross_q(self.norm_cross(x)), self.heads)
-        k = _heads(self.cross_k(self.norm_bank(slots)), self.heads)
-        v = _heads(self.cross_v(slots), self.heads)
-        x = x + self.cross_out(_merge(F.scaled_dot_product_attention(q, k, v, dropout_p=p)))
-        x = x + self.ff(x)
-        return torch.sigmoid(self.norm_out(x)).view(B, h, w, D)
+        q = _heads(self.cross_q(self.norm_cross(x)), self.heads)  # (B, nh, L, hd)
+        k = _heads(self.cross_k(self.norm_bank(bank.to(x.dtype)))[None], self.heads)  # (1, nh, S, hd)
+        weights = torch.softmax((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5, dim=-1)
+        return F.dropout(weights, p) if p else weights
+
+    def values(self, bank: Tensor) -> Tensor:
+        """bank (S, D) -> the value-projected slots per head (heads, S, D / heads)."""
+        return _heads(self.cross_v(bank)[None], self.heads)[0]
+
+    def recall(self, mixed: Tensor) -> Tensor:
+        """(B, heads, L, hd) mixes of value-projected slots -> (B, L, D) memory on 0-1; sees no query."""
+        c = self.cross_out(_merge(mixed))
+        return torch.sigmoid(self.norm_out(c + self.ff(c)))
+
+    def forward(self, query: Tensor, bank: Tensor) -> Tensor:
+        """query (B, h, w, D), bank (S, D) -> (B, h, w, D) on 0-1."""
+        B, h, w, D = query.shape
+        weights = self.address(query, bank)
+        mixed = weights @ self.values(bank.to(weights.dtype))  # (B, nh, L, hd): convex mixes of the slots' values
+        return self.recall(mixed).view(B, h, w, D)
 
 
 class MemoryBank(nn.Module):

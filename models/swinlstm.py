@@ -140,20 +140,22 @@ class SwinLSTMD(nn.Module):
 
 
 def _init_weights(module: nn.Module) -> None:
-    """Swin's initialisation (truncated-normal Linear weights, zero biases), except the patch embedding.
+    """Swin's initialisation (truncated-normal Linear weights, zero biases), except modules that own theirs.
 
-    ``nn.Module.apply`` visits children first, so the patch embedding's Linear gets the Swin init and
-    is then re-initialised as the convolution it stands for (see :meth:`PatchEmbed.reset_parameters`:
-    a non-zero bias). With a zero bias there, an all-zero patch (most of a VIL frame) stays an exactly
-    zero token through every bias-free Linear and every LayerNorm (beta = 0 at init), and each
-    LayerNorm of an exactly constant vector multiplies the gradient by 1/sqrt(eps) ~ 316: on all-zero
-    frames the gradient norm overflowed float32 on the first backward (issue 6).
+    ``nn.Module.apply`` visits children first, so a module's own Linears get the Swin init and the
+    module is then re-initialised by its ``reset_parameters``: the patch embedding and the pixel head
+    (the patch embedding as the convolution it stands for, see :meth:`PatchEmbed.reset_parameters`: a
+    non-zero bias), and every module that sets ``owns_init = True`` (the deformable attention's offset
+    head, models.dat). With a zero bias in the patch embedding, an all-zero patch (most of a VIL frame)
+    stays an exactly zero token through every bias-free Linear and every LayerNorm (beta = 0 at init),
+    and each LayerNorm of an exactly constant vector multiplies the gradient by 1/sqrt(eps) ~ 316: on
+    all-zero frames the gradient norm overflowed float32 on the first backward.
     """
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
-    elif isinstance(module, (PatchEmbed, PixelHead)):
+    elif isinstance(module, (PatchEmbed, PixelHead)) or getattr(module, "owns_init", False):
         module.reset_parameters()
 
 
