@@ -8,10 +8,19 @@ with ``torch.save`` and read back with ``torch.load(..., weights_only=True)`` (n
                   the EMA weights when EMA is on
     model_config  cfg.model as JSON-able data
     data          {"in_len", "out_len", "height", "width"}
-    config_hash   hash of everything that shapes the model, the data and this phase's optimisation
+    identity      {"params", "code", "data"}: what the checkpoint was made from (:func:`identity`)
+    config_hash   one hash of ``identity`` (the MLflow param ``train.config_hash``)
     phase, epoch, step, best_key, best_score
     training-only state, ignored by readers: train_model (raw weights when EMA is on), optimizer,
     scheduler, scaler, rng (torch, cuda, numpy, python), history, best_epoch, bad_epochs, finished
+
+A kept ``last.pt`` is resumed only when all three parts of its identity equal the current run's:
+``params`` (the params.yaml keys that shape this phase, the validation scores' included, and for
+phase 2 the identity of the phase-1 checkpoint it starts from), ``code`` (every ``*.py`` under
+``models/`` and ``pipeline/training/``, and ``pipeline/train.py``) and ``data`` (the windows files
+``train.h5`` and ``val.h5``, by content, see :func:`data_fingerprint`). Anything else is trained
+from scratch. Weights that do not fit the model (:func:`load_weights`) are a one-line
+:class:`DataError`, wherever they are loaded.
 
 Everything is written to a temporary file in the same folder, flushed and fsynced, then renamed
 over the target: a reader sees the old file or the new one, never half of one, and a killed
@@ -45,8 +54,26 @@ _NOT_HASHED_TRAIN_KEYS = ("device", "compile", "num_workers", "threads", "nproc_
                           "log_every", "max_batch_size", "phase1", "phase2")  # fmt: skip
 
 
-def config_hash(cfg: Any, phase: int, init: dict[str, Any] | None = None) -> str:
-    """Hash of the config that shapes phase ``phase``: model, data, windows, train (this phase's block).
+# The params.yaml keys under ``evaluate`` that validation during training reads (Trainer._validate):
+# they pick best.pt and the early stop, so they are part of a phase's identity and its dvc.yaml params.
+VALIDATION_KEYS = ("thresholds", "pool_sizes", "ssim")
+# The source that shapes training, relative to CODE_ROOT: every *.py under a folder, or one file.
+CODE_ROOT = Path(__file__).resolve().parents[2]
+CODE_PATHS = ("models", "pipeline/training", "pipeline/train.py")
+# The windows files a phase reads, in windows.root.
+DATA_FILES = ("train.h5", "val.h5")
+# Windows files up to this size are hashed whole; a larger one by its layout, its small datasets and
+# SAMPLE_FRAMES frames spread over it (reading gigabytes at every start would cost more than a resume saves).
+WHOLE_FILE_BYTES = 64 * 2**20
+SAMPLE_FRAMES = 64
+IDENTITY_PARTS = ("params", "code", "data")
+_PART_NAMES = {"params": "params", "code": "code (" + ", ".join(CODE_PATHS) + ")",
+               "data": "data (" + ", ".join(DATA_FILES) + " in windows.root)"}  # fmt: skip
+
+
+def params_hash(cfg: Any, phase: int, init: dict[str, Any] | None = None) -> str:
+    """Hash of the params that shape phase ``phase``: model, data, windows, train (this phase's
+    block), the validation scores (``evaluate`` keys in :data:`VALIDATION_KEYS`).
 
     ``init`` is the phase-1 checkpoint a phase-2 run starts from; its identity is part of the hash,
     so a retrained phase 1 never lets phase 2 resume on top of the old one.
@@ -61,11 +88,132 @@ def config_hash(cfg: Any, phase: int, init: dict[str, Any] | None = None) -> str
         "train": train,
         "phase": phase,
         "phase_cfg": cfg.train.phase(phase).model_dump(mode="json"),
+        "validation": cfg.evaluate.model_dump(mode="json", include=set(VALIDATION_KEYS)),
     }
     if init is not None:
-        blob["init"] = {k: init.get(k) for k in ("config_hash", "epoch", "step", "best_score")}
+        blob["init"] = {k: init.get(k) for k in ("identity", "config_hash", "epoch", "step", "best_score")}
     text = json.dumps(blob, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def code_hash(root: Path | None = None) -> str:
+    """Hash of the training source: the sorted relative paths and bytes of :data:`CODE_PATHS`."""
+    root = Path(root or CODE_ROOT)
+    files: list[Path] = []
+    for rel in CODE_PATHS:
+        path = root / rel
+        files += sorted(path.rglob("*.py")) if path.is_dir() else [path] if path.is_file() else []
+    digest = hashlib.sha256()
+    for path in sorted(set(files), key=lambda p: p.relative_to(root).as_posix()):
+        body = path.read_bytes()
+        digest.update(f"{path.relative_to(root).as_posix()}\0{len(body)}\0".encode())
+        digest.update(body)
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(windows_root: Path) -> str:
+    """Fingerprint of the windows files a phase reads (:data:`DATA_FILES` in ``windows_root``), by content.
+
+    A file up to :data:`WHOLE_FILE_BYTES` is hashed whole; a larger one by its size, HDF5 attributes,
+    dataset shapes and types, its small datasets (event ids, times, window index) and
+    :data:`SAMPLE_FRAMES` frames of ``vil`` spread over its rows. File times are not used: a DVC
+    checkout or an experiment's temporary copy of the same bytes is the same data.
+    """
+    digest = hashlib.sha256()
+    for name in DATA_FILES:
+        path = Path(windows_root) / name
+        digest.update(f"{name}\0{_file_digest(path)}\0".encode())
+    return digest.hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise DataError(f"{path}: windows file not found; run the chunk stage (dvc repro chunk)") from None
+    if size <= WHOLE_FILE_BYTES:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "sha256").hexdigest()
+    import h5py
+
+    digest = hashlib.sha256(f"size {size}\0".encode())
+    try:
+        with h5py.File(path, "r") as h5:
+            for key in sorted(h5.attrs):
+                digest.update(f"attr {key}={h5.attrs[key]!r}\0".encode())
+            for key in sorted(h5):
+                ds = h5[key]
+                digest.update(f"dataset {key} {ds.shape} {ds.dtype}\0".encode())
+                if key != "vil":
+                    digest.update(np.ascontiguousarray(ds[()]).tobytes())
+            vil = h5["vil"]
+            rows, frames = int(vil.shape[0]), int(vil.shape[1])
+            total = rows * frames
+            for flat in np.unique(np.linspace(0, total - 1, min(total, SAMPLE_FRAMES)).astype(np.int64)):
+                digest.update(np.ascontiguousarray(vil[int(flat) // frames, int(flat) % frames]).tobytes())
+    except (OSError, KeyError) as err:
+        raise DataError(f"{path}: not a windows file ({str(err).splitlines()[0][:120]}); rerun the chunk stage "
+                        "(dvc repro chunk)") from None  # fmt: skip
+    return digest.hexdigest()
+
+
+def identity(cfg: Any, phase: int, init: dict[str, Any] | None = None) -> dict[str, str]:
+    """What a phase-``phase`` checkpoint of ``cfg`` is made from: ``{"params", "code", "data"}``
+    (:func:`params_hash`, :func:`code_hash`, :func:`data_fingerprint` of ``windows.root``)."""
+    return {"params": params_hash(cfg, phase, init), "code": code_hash(), "data": data_fingerprint(cfg.windows.root)}
+
+
+def identity_hash(ident: dict[str, str]) -> str:
+    """One hash of an :func:`identity` (the checkpoint's ``config_hash``)."""
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def config_hash(cfg: Any, phase: int, init: dict[str, Any] | None = None) -> str:
+    """The ``config_hash`` a phase-``phase`` checkpoint of ``cfg`` records: :func:`identity_hash` of :func:`identity`."""
+    return identity_hash(identity(cfg, phase, init))
+
+
+def stale_reason(state: dict[str, Any], current: dict[str, str], parts: tuple[str, ...] = IDENTITY_PARTS) -> str | None:
+    """Why checkpoint ``state`` was not made from the ``current`` identity (its ``parts``), or None if it was:
+    e.g. ``"other code (models, ...)"``, or for a checkpoint without an identity record, saying so."""
+    stored = state.get("identity")
+    if not isinstance(stored, dict):
+        return f"unknown {' and '.join(_PART_NAMES[p] for p in parts)} (an older checkpoint without an identity record)"
+    changed = [p for p in parts if stored.get(p) != current.get(p)]
+    return f"other {' and '.join(_PART_NAMES[p] for p in changed)}" if changed else None
+
+
+def weights_mismatch(expected: dict[str, Any], weights: Any) -> str | None:
+    """What keeps ``weights`` (a state_dict) from loading into a model whose state_dict is ``expected``:
+    missing / unexpected keys, shape mismatches (a few of each named); None when they fit."""
+    if not isinstance(weights, dict):
+        return f"a {type(weights).__name__}, not a state_dict"
+    missing = [k for k in expected if k not in weights]
+    unexpected = [k for k in weights if k not in expected]
+    shapes = [f"{k} {list(getattr(weights[k], 'shape', []))} vs {list(expected[k].shape)} in the model"
+              for k in expected if k in weights and tuple(getattr(weights[k], "shape", ())) != tuple(expected[k].shape)]  # fmt: skip
+    out = [f"{what} {_few(keys)}" for what, keys in (("missing keys", missing), ("unexpected keys", unexpected),
+                                                       ("shape mismatch", shapes)) if keys]  # fmt: skip
+    return "; ".join(out) or None
+
+
+def _few(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f" (+{len(items) - n} more)" if len(items) > n else "")
+
+
+def load_weights(module: nn.Module, weights: Any, path: Path, what: str = "the model") -> None:
+    """``module.load_state_dict(weights)``, or one-line :class:`DataError` naming ``path`` and what
+    does not fit (keys, shapes) when the checkpoint was made by other code or params."""
+    why = weights_mismatch(module.state_dict(), weights)
+    if why is None:
+        try:
+            module.load_state_dict(weights)
+            return
+        except RuntimeError as err:
+            lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+            why = (lines[1] if len(lines) > 1 else lines[0] if lines else type(err).__name__)[:200]
+    raise DataError(f"{path}: weights do not fit {what} ({why}); the checkpoint was made by other code or params: "
+                    "rerun dvc repro (it retrains the training stages)")  # fmt: skip
 
 
 def rng_state() -> dict[str, Any]:
@@ -154,11 +302,7 @@ def load_model(path: Path, model_cfg: Any | None = None, device: Any = "cpu") ->
             raise ConfigError(f"{path}: checkpoint was trained with other {', '.join(diff)} than params.yaml; "
                               "retrain (dvc repro) or restore those params")  # fmt: skip
     model = build(stored)
-    try:
-        model.load_state_dict(state["model"])
-    except RuntimeError as err:
-        raise DataError(f"{path}: weights do not fit model.name={stored.name} "
-                        f"({str(err).splitlines()[0][:120]}); delete the checkpoint and retrain") from None  # fmt: skip
+    load_weights(model, state["model"], path, f"model.name={stored.name}")
     return model.to(device).eval()
 
 

@@ -39,17 +39,21 @@ from torch import nn
 from tqdm import tqdm
 
 import models
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import ConfigError, DataError, PipelineError
 from pipeline.scoring import ScoreAccumulator
 from pipeline.training import distributed
 from pipeline.training.batch_size import find_batch_size
 from pipeline.training.checkpoint import (
     FORMAT,
-    config_hash,
+    identity,
+    identity_hash,
+    load_weights,
     read_checkpoint,
     rng_state,
     save_checkpoint,
     set_rng_state,
+    stale_reason,
+    weights_mismatch,
 )
 from pipeline.training.data import EpochSampler, augment, heavy_weights, make_loader, to_device
 from pipeline.training.ema import EMA
@@ -173,7 +177,8 @@ def fit(cfg: Any, phase: int, out_dir: Path, *, epoch_callback: Callable[[int, d
     - ``epoch_callback(epoch, metrics)`` runs after each epoch's validation and checkpoint; an
       exception from it (e.g. ``optuna.TrialPruned``) propagates, checkpoints stay consistent.
 
-    Resumes from ``out_dir/last.pt`` when its config hash matches (else logs and starts fresh).
+    Resumes from ``out_dir/last.pt`` when it was made from the same params, code and windows data
+    (its ``identity``); else logs one line saying which differ and trains from scratch.
     Raises :class:`NonFiniteLossError` on a NaN/inf loss, ``DataError`` on a corrupt checkpoint.
     """
     if phase not in (1, 2):
@@ -225,7 +230,15 @@ class Trainer:
             if self.init_state["model_config"] != cfg.model.model_dump(mode="json"):
                 raise ConfigError(f"{path}: phase 1 was trained with other model.* params; rerun train_phase1 "
                                   "(dvc repro) before phase 2")  # fmt: skip
-            self.model.load_state_dict(self.init_state["model"])
+        # what this run's checkpoints are made from (params, code, windows data): decides resuming
+        self.identity = identity(cfg, phase, self.init_state)
+        self.hash = identity_hash(self.identity)
+        if self.init_state is not None:
+            stale = stale_reason(self.init_state, self.identity, parts=("code", "data"))
+            if stale:
+                raise DataError(f"{path}: phase 1 was trained from {stale}, not what phase 2 runs with now; rerun train_phase1 "
+                                "(dvc repro train_phase1) before phase 2")  # fmt: skip
+            load_weights(self.model, self.init_state["model"], path, f"model.name={cfg.model.name}")
             log.info("phase 2 starts from %s (phase-1 epoch %s, %s = %s)", path, self.init_state["epoch"],
                      self.init_state.get("best_key"), self.init_state.get("best_score"))  # fmt: skip
         self.frozen: list[nn.Parameter] = []
@@ -233,7 +246,6 @@ class Trainer:
             self.model.set_memory_trainable(False)  # before DDP: it ignores parameters without grad
             self.frozen = list(self.model.memory_parameters())
         self.model.to(self.device)
-        self.hash = config_hash(cfg, phase, self.init_state)
         # ----- data
         win = cfg.windows
         self.in_len, self.out_len = win.in_len, win.out_len
@@ -330,11 +342,21 @@ class Trainer:
         if not self.last_path.exists():
             return
         state = read_checkpoint(self.last_path)  # on the CPU (RNG states must be); corrupt: one-line DataError
-        if state.get("config_hash") != self.hash or state.get("phase") != self.phase:
-            log.warning("%s was written with other params (config hash %s, now %s): not resumed, starting fresh",
-                        self.last_path, state.get("config_hash"), self.hash)  # fmt: skip
+        # Only a run of the same params, code and windows data resumes (a finished one trains nothing);
+        # anything else trains from scratch, never on top of weights another version made.
+        why = stale_reason(state, self.identity)
+        if why is None and state.get("phase") != self.phase:
+            why = f"phase {state.get('phase')}"
+        if why is not None:
+            log.warning("%s was made from %s (config hash %s, now %s): not resumed, starting fresh",
+                        self.last_path, why, state.get("config_hash"), self.hash)  # fmt: skip
             return
-        self.model.load_state_dict(state["train_model"] if "train_model" in state else state["model"])
+        load_weights(self.model, state["train_model"] if "train_model" in state else state["model"], self.last_path)
+        if self.ema is not None:
+            bad = weights_mismatch(self.ema.state_dict(), state["model"])
+            if bad:
+                raise DataError(f"{self.last_path}: EMA weights do not fit the model ({bad}); delete it and rerun "
+                                "dvc repro (it retrains)")  # fmt: skip
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -359,6 +381,7 @@ class Trainer:
             "model": {k: v.detach().cpu() for k, v in weights.items()},
             "model_config": self.cfg.model.model_dump(mode="json"),
             "data": {"in_len": self.in_len, "out_len": self.out_len, "height": height, "width": width},
+            "identity": self.identity,
             "config_hash": self.hash,
             "phase": self.phase,
             "epoch": self.epoch,
