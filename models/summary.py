@@ -1,13 +1,17 @@
 """Parameter counts of every registered model at a model config.
 
-    python -m models.summary [--preset presets/reference_sevir.yaml] [--markdown FILE]
+    python -m models.summary [--preset presets/reference_sevir.yaml] [--params params.yaml] [--markdown FILE]
 
 Builds each model from a :class:`~models.config.ModelConfig` with only ``model.name``
 changed, and prints one Markdown table row per model: total parameters, those trained in
-phase 1 only (the memory bank and the context encoder) and the rest. The config is the
-defaults of ModelConfig, with ``--preset``'s ``model`` section applied (a presets/*.yaml
-file; only its ``model`` keys are read, validated by ModelConfig). This module imports
-nothing from ``pipeline``: for the counts at params.yaml, run ``python -m pipeline.summary``.
+phase 1 only (the memory bank and the context encoder) and the rest. Without ``--preset``
+the config is the defaults of ModelConfig. With ``--preset`` (a presets/*.yaml file) it is
+the config the pipeline runs that preset with: the ``model`` section of ``--params``
+(default params.yaml; the ModelConfig defaults when there is no such file) with the
+preset's ``model`` section merged in key by key, nested mappings included, validated by
+ModelConfig: the merge of :func:`pipeline.preset.merged_params`, restricted to the model
+section, so ``python -m pipeline.summary --preset X`` counts the same models. This module
+imports nothing from ``pipeline``.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -33,14 +38,27 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
     return {"total": total, "memory": memory, "phase2": total - memory}
 
 
-def config_from_preset(path: Path) -> ModelConfig:
-    """ModelConfig defaults with the ``model`` section of a preset YAML file applied; ValueError names the key."""
+def _merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``override`` merged in, nested mappings key by key (pipeline.preset.merge's rule)."""
+    out = dict(base)
+    for key, value in override.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def _model_section(path: Path) -> dict[str, Any]:
     raw = yaml.safe_load(path.read_text()) or {}
     section = raw.get("model", {}) if isinstance(raw, dict) else None
     if not isinstance(section, dict):
         raise ValueError(f"{path}: expected a mapping with a 'model' section")
+    return section
+
+
+def config_from_preset(path: Path, params: Path | None = Path("params.yaml")) -> ModelConfig:
+    """The ``model`` section of ``params`` (when that file exists) with the preset's merged in; ValueError names the key."""
+    base = _model_section(params) if params is not None and params.is_file() else {}
     try:
-        return ModelConfig(**section)
+        return ModelConfig(**_merge(base, _model_section(path)))
     except ValidationError as err:
         first = err.errors()[0]
         key = ".".join(str(part) for part in ("model", *first["loc"]))
@@ -83,14 +101,20 @@ def report(cfg: ModelConfig, source: str, markdown: Path | None, command: str) -
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", type=Path, default=None, help="a presets/*.yaml file (its model section)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="the params the preset is merged over (default: params.yaml)")  # fmt: skip
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table to this Markdown file")
     args = parser.parse_args(argv)
     try:
-        cfg = config_from_preset(args.preset) if args.preset is not None else ModelConfig()
+        cfg = config_from_preset(args.preset, args.params) if args.preset is not None else ModelConfig()
     except (OSError, ValueError, yaml.YAMLError) as err:
         print(f"error: {err}".splitlines()[0], file=sys.stderr)
         return 2
-    source = f"`{args.preset}`" if args.preset is not None else "the ModelConfig defaults"
+    if args.preset is None:
+        source = "the ModelConfig defaults"
+    else:  # named as python -m pipeline.summary names it
+        base = f"`{args.params}`" if args.params.is_file() else "the ModelConfig defaults"
+        source = f"{base} + `{args.preset}`"
     command = "python -m models.summary" + (f" --preset {args.preset}" if args.preset else "")
     print(report(cfg, source, args.markdown, command), end="")
     return 0

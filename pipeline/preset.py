@@ -76,12 +76,27 @@ def format_value(key: str, value: Any, source: Path) -> str:
     return text
 
 
+def merged_params(preset: Path, params: Path) -> dict[str, Any]:
+    """The params of ``params`` (empty when there is no such file) with ``preset`` merged in, unvalidated.
+
+    The one merge every preset consumer goes through: ``python -m pipeline.preset``, ``python -m
+    pipeline.summary --preset`` and (mirrored for the model section, since models imports nothing from
+    pipeline) ``python -m models.summary --preset``.
+    """
+    base = yaml.safe_load(params.read_text()) if params.is_file() else {}
+    return merge(base or {}, read_preset(preset))
+
+
+def preset_config(preset: Path, params: Path) -> config_mod.Config:
+    """The validated config of ``preset`` over ``params``; ConfigError with one line naming the key at fault."""
+    return config_mod.from_dict(merged_params(preset, params), source=f"{preset} over {params}")
+
+
 def overrides(preset: Path, params: Path) -> tuple[list[str], dict[str, Any]]:
     """(``-S key=value`` arguments, merged params) for ``preset`` over ``params``; validated."""
     tree = read_preset(preset)
-    base = yaml.safe_load(params.read_text()) if params.is_file() else {}
-    merged = merge(base or {}, tree)
-    config_mod.from_dict(merged, source=f"{preset} over {params}")  # one line naming the key at fault
+    merged = merged_params(preset, params)
+    preset_config(preset, params)  # one line naming the key at fault
     args = []
     for key, value in leaves(tree):
         args += ["-S", f"{key}={format_value(key, value, preset)}"]

@@ -2,8 +2,9 @@
 
     python -m pipeline.summary [--params params.yaml] [--preset presets/x.yaml] [--markdown models/PARAMS.md]
 
-Reads ``--params`` through pipeline.config (with ``--preset`` merged over it, as
-``python -m pipeline.preset`` applies it), then prints :func:`models.summary.report`.
+Reads ``--params`` through pipeline.config (with ``--preset`` merged over it by
+:func:`pipeline.preset.preset_config`, as ``python -m pipeline.preset`` applies it), then prints
+:func:`models.summary.report`. ``python -m models.summary --preset`` gives the same config.
 """
 
 from __future__ import annotations
@@ -12,12 +13,10 @@ import argparse
 import sys
 from pathlib import Path
 
-import yaml
-
 from models.summary import report
 from pipeline.cli import run_stage
-from pipeline.config import from_dict, load
-from pipeline.preset import merge, read_preset
+from pipeline.config import load
+from pipeline.preset import preset_config
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,14 +25,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--preset", type=Path, default=None, help="a presets/*.yaml file merged over the params")
     parser.add_argument("--markdown", type=Path, default=None, help="also write the table to this Markdown file")
     args = parser.parse_args(argv)
-    if args.preset is None:
-        cfg = load(args.params).model
-        source = f"`{args.params}`"
-    else:
-        cfg = load(args.params).model  # the params themselves must be valid: one line naming the key if not
-        raw = yaml.safe_load(args.params.read_text())
+    cfg = load(args.params).model  # the params themselves must be valid: one line naming the key if not
+    source = f"`{args.params}`"
+    if args.preset is not None:  # the merge python -m pipeline.preset applies (and models.summary mirrors)
+        cfg = preset_config(args.preset, args.params).model
         source = f"`{args.params}` + `{args.preset}`"
-        cfg = from_dict(merge(raw, read_preset(args.preset)), source=source.replace("`", "")).model
     command = "python -m pipeline.summary" + (f" --preset {args.preset}" if args.preset else "")
     if args.markdown is not None:
         command += f" --markdown {args.markdown}"

@@ -65,7 +65,9 @@ def test_the_attention_output_is_a_function_of_the_mixed_value_projected_slots()
         assert torch.allclose(out, read.recall(mixed).view_as(out), atol=1e-5)
         # the same mix reached from another query gives the same memory: only the addressing depends on it
         other = _queries(9)
-        assert torch.allclose(read.recall(read.address(other, bank) @ values).view_as(out), read(other, bank), atol=1e-5)
+        assert torch.allclose(
+            read.recall(read.address(other, bank) @ values).view_as(out), read(other, bank), atol=1e-5
+        )
 
 
 def test_phase1_memory_does_not_see_the_target_frames_when_the_bank_is_constant() -> None:
