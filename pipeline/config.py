@@ -255,7 +255,8 @@ class TrainConfig(Section):
     nproc_per_node: PositiveInt = 1  # > 1: the stage launches this many DDP workers (torch.distributed.run)
     seed: NonNegInt = 0
     checkpoint_dir: Path = Path("artifacts")  # phase{1,2}/{last,best}.pt
-    val_max_batches: NonNegInt = 0  # 0 = the whole val split
+    val_max_batches: NonNegInt = 0  # cap: this many batches' worth of val windows, evenly spaced over the split; 0 = all
+    val_max_windows: NonNegInt = 0  # cap in windows (the search sets it: the same subset whatever the batch size); 0 = val_max_batches
     log_every: PositiveInt = 10  # steps between progress-bar refreshes (and non-finite checks)
     oversample: OversampleConfig = OversampleConfig()
     augment: AugmentConfig = AugmentConfig()

@@ -6,6 +6,10 @@ non-blocking copies (pinned memory on CUDA) and converts to the 0-1 scale on the
 Shuffling is a pure function of (``train.seed``, epoch): every epoch's order is drawn from a fresh
 generator seeded with both, so a resumed run replays exactly the order an uninterrupted run would
 have had, and every DDP rank draws the same permutation before taking its shard.
+
+A capped validation (``train.val_max_windows`` / ``train.val_max_batches``) reads windows evenly
+spaced over the whole val split (:class:`SpreadSampler`), not its first ones: windows files are in
+event order (all random events before the storm events), so a prefix is a biased slice.
 """
 
 from __future__ import annotations
@@ -63,6 +67,36 @@ class EpochSampler(Sampler[int]):
         return iter(order[self.rank : total : self.num_replicas])
 
 
+def spread_indices(n: int, k: int) -> list[int]:
+    """``k`` of the indices ``0..n-1``, evenly spaced over all of them (the middle of each of ``k``
+    equal strata), in increasing order; all ``n`` when ``k`` is 0 or at least ``n``."""
+    if k <= 0 or k >= n:
+        return list(range(n))
+    return [int((2 * j + 1) * n // (2 * k)) for j in range(k)]
+
+
+class SpreadSampler(Sampler[int]):
+    """A fixed subset of ``k`` of ``n`` windows evenly spaced over the file (:func:`spread_indices`):
+    the same windows, in the same order, every epoch, every run and every trial of the same ``k``."""
+
+    def __init__(self, n: int, k: int) -> None:
+        self.n = n
+        self.indices = spread_indices(n, k)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+    def describe(self) -> str:
+        """One line for the log: how much of the split the subset covers."""
+        k = len(self.indices)
+        if k >= self.n:
+            return f"validation: all {self.n} windows of the split"
+        return f"validation: {k} of {self.n} windows ({100 * k / self.n:.0f}%), evenly spaced over the split"
+
+
 def heavy_weights(path: Path, threshold: int, min_fraction: float, factor: float) -> torch.Tensor:
     """Sampling weight per window of a windows file: ``factor`` for heavy-rain windows, 1 otherwise.
 
@@ -91,11 +125,16 @@ def heavy_weights(path: Path, threshold: int, min_fraction: float, factor: float
 
 
 def make_loader(path: Path, *, batch_size: int, sampler: Sampler | None, num_workers: int, pin_memory: bool,
-                with_memory: bool, in_len: int, out_len: int, drop_last: bool) -> DataLoader:  # fmt: skip
-    """A loader of raw uint8 batches ``{"inputs", "targets"[, "memory"]}`` (B, T, 1, H, W)."""
+                with_memory: bool, in_len: int, out_len: int, drop_last: bool, max_windows: int = 0) -> DataLoader:  # fmt: skip
+    """A loader of raw uint8 batches ``{"inputs", "targets"[, "memory"]}`` (B, T, 1, H, W).
+
+    ``max_windows`` > 0 (with ``sampler`` None): a :class:`SpreadSampler` of that many windows.
+    """
     dataset = WindowDataset(path, in_len=in_len, out_len=out_len, with_memory=with_memory, raw=True)
     if len(dataset) == 0:
         raise DataError(f"{path}: no windows in this split; widen data.split or fetch more events")
+    if sampler is None and max_windows > 0:
+        sampler = SpreadSampler(len(dataset), max_windows)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=num_workers,
                       pin_memory=pin_memory, drop_last=drop_last, persistent_workers=num_workers > 0)  # fmt: skip
 

@@ -79,6 +79,16 @@ def broadcast_object(obj, info: DistInfo):
     return box[0]
 
 
+def all_reduce_mean(t: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """The element-wise mean of ``t`` over the ranks (a collective: every rank must call it); ``t``
+    itself without DDP. ``t`` lives where the backend reduces (CUDA for NCCL, CPU for gloo)."""
+    if not info.enabled:
+        return t
+    out = t.detach().clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out / info.world_size
+
+
 def any_rank(flag: bool, info: DistInfo) -> bool:
     """True when ``flag`` is true on any rank (a collective: every rank must call it)."""
     if not info.enabled:

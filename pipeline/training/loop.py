@@ -13,8 +13,12 @@ One call trains one phase (``train.phase1`` or ``train.phase2``) and leaves ``la
 - other models: ordinary training (phase 1), fine-tuning from phase-1 best (phase 2).
 
 No host sync inside a step: losses are summed on the device and read every ``train.log_every``
-steps (progress bar, non-finite check) and at the end of the epoch. Validation runs every epoch
-on rank 0, then the checkpoint is written (rank 0), then ``epoch_callback(epoch, metrics)`` runs.
+steps (progress bar, non-finite check, the per-step curve: the mean loss of those steps and the lr
+they used, logged to MLflow as ``train_step.*`` at the global step) and at the end of the epoch.
+The epoch's training metrics are averaged over the DDP ranks (the per-step curve is rank 0's).
+Validation runs every epoch on rank 0, over a fixed subset of windows evenly spaced over the val
+split when ``train.val_max_windows`` / ``train.val_max_batches`` caps it (the same every epoch),
+then the checkpoint is written (rank 0), then ``epoch_callback(epoch, metrics)`` runs.
 """
 
 from __future__ import annotations
@@ -82,6 +86,7 @@ class FitResult:
     resumed_from_epoch: int = 0
     config_hash: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    steps: list[dict[str, float]] = field(default_factory=list)  # per-step curve: step, epoch, train.loss*, lr
 
 
 # ------------------------------------------------------------------------------------ tracking
@@ -201,6 +206,11 @@ def _flat_params(cfg: Any) -> dict[str, str]:
     return {**flatten("model", cfg.model), **flatten("train", cfg.train)}
 
 
+def _step_metrics(point: dict[str, float]) -> dict[str, float]:
+    """A per-step curve point as MLflow metrics: ``train_step.loss`` (..._phase1, ..._align), ``train_step.lr``."""
+    return {f"train_step.{k.removeprefix('train.')}": v for k, v in point.items() if k not in ("step", "epoch")}
+
+
 class Trainer:
     """The state of one phase's training; :meth:`run` is the epoch loop. Use through :func:`fit`."""
 
@@ -279,10 +289,18 @@ class Trainer:
                                         num_workers=tcfg.num_workers, pin_memory=pin, with_memory=self.with_memory,
                                         in_len=self.in_len, out_len=self.out_len, drop_last=drop_last)  # fmt: skip
         self.val_loader = None
+        self.val_description = ""  # the log line saying what share of the val split validation covers
         if self.dist.is_main:
+            # a capped validation: a fixed subset evenly spaced over the split (its first windows are
+            # one kind of event), the same every epoch; val_max_windows is the search's batch-free cap
+            val_cap = tcfg.val_max_windows or tcfg.val_max_batches * self.batch_size
             self.val_loader = make_loader(self.val_path, batch_size=self.batch_size, sampler=None,
                                           num_workers=tcfg.num_workers, pin_memory=pin, with_memory=False,
-                                          in_len=self.in_len, out_len=self.out_len, drop_last=False)  # fmt: skip
+                                          in_len=self.in_len, out_len=self.out_len, drop_last=False,
+                                          max_windows=val_cap)  # fmt: skip
+            sampler = self.val_loader.sampler
+            self.val_description = (sampler.describe() if hasattr(sampler, "describe")
+                                    else f"validation: all {len(self.val_loader.dataset)} windows of the split")  # fmt: skip
         self.steps_per_epoch = len(self.train_loader)
         if self.pcfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, self.pcfg.max_steps_per_epoch)
@@ -300,6 +318,7 @@ class Trainer:
         self.best_epoch: int | None = None
         self.bad_epochs = 0
         self.history: list[dict[str, float]] = []
+        self.step_curve: list[dict[str, float]] = []  # every log_every steps: step, epoch, train.loss*, lr
         self.finished = False
         self.stopped_early = False
         self.resumed_from = 0
@@ -367,6 +386,7 @@ class Trainer:
         self.best_score, self.best_epoch = state["best_score"], state.get("best_epoch")
         self.bad_epochs = int(state.get("bad_epochs", 0))
         self.history = list(state.get("history", []))
+        self.step_curve = list(state.get("step_curve", []))
         self.finished = bool(state.get("finished", False))
         self.stopped_early = bool(state.get("stopped_early", False))
         self.resumed_from = self.epoch
@@ -391,6 +411,7 @@ class Trainer:
             "best_epoch": self.best_epoch,
             "bad_epochs": self.bad_epochs,
             "history": self.history,
+            "step_curve": self.step_curve,
             "finished": self.finished,
             "stopped_early": self.stopped_early,
             "optimizer": self.optimizer.state_dict(),
@@ -435,13 +456,15 @@ class Trainer:
                 parts["recon"] = r_loss.detach()
         return loss, parts, pred
 
-    def _backward_step(self, loss: torch.Tensor, sync: bool, last_micro: bool) -> torch.Tensor | None:
-        """Backward of one (micro-)step; on the last micro-step: unscale, clip, optimiser step.
+    def _backward_step(self, loss: torch.Tensor, sync: bool, last_micro: bool, accum: int = 1) -> torch.Tensor | None:
+        """Backward of one (micro-)step of an accumulation group of ``accum`` micro-steps (the
+        epoch's last group can be shorter than ``grad_accum``), so the step takes their mean
+        gradient; on the last micro-step: unscale, clip, optimiser step.
         Returns the gradient norm tensor (or None) without reading it."""
         ctx = self.train_model.no_sync() if (self.dist.enabled and not sync and hasattr(self.train_model, "no_sync")) \
             else contextlib.nullcontext()  # fmt: skip
         with ctx:
-            self.scaler.scale(loss / self.pcfg.grad_accum).backward()
+            self.scaler.scale(loss / accum).backward()
         if not last_micro:
             return None
         norm = None
@@ -464,12 +487,15 @@ class Trainer:
                      self.phase, self.cfg.model.name, f"{n_params:,}", self.device, self.precision, self.batch_size,
                      self.dist.world_size, self.steps_per_epoch, pcfg.epochs,
                      " (phase-1 step + alignment step per batch)" if self.two_step and pcfg.align else "")  # fmt: skip
+            log.info("%s", self.val_description)
             tracker.log_params({"train.resolved.device": str(self.device), "train.resolved.precision": self.precision,
                                 "train.resolved.batch_size": str(self.batch_size),
                                 "train.resolved.world_size": str(self.dist.world_size),
                                 "train.config_hash": self.hash})  # fmt: skip
             for row in self.history:  # a resumed run's earlier epochs, so its MLflow run has whole curves
                 tracker.log_metrics({k: v for k, v in row.items() if k != "epoch"}, step=int(row["epoch"]))
+            for point in self.step_curve:
+                tracker.log_metrics(_step_metrics(point), step=int(point["step"]))
         if self.finished:
             log.info("phase %d already finished (%s); nothing to train", self.phase, self.last_path)
         while not self.finished:
@@ -519,7 +545,8 @@ class Trainer:
                          history=list(self.history), checkpoint=self.best_path, last_checkpoint=self.last_path,
                          batch_size=self.batch_size, stopped_early=self.stopped_early,
                          resumed_from_epoch=self.resumed_from, config_hash=self.hash,
-                         extra={"checkpoint_s": self.checkpoint_s, "checkpoint_cpu_s": self.checkpoint_cpu_s})  # fmt: skip
+                         extra={"checkpoint_s": self.checkpoint_s, "checkpoint_cpu_s": self.checkpoint_cpu_s},
+                         steps=list(self.step_curve))  # fmt: skip
 
     def _train_epoch(self, tracker: SafeTracker) -> dict[str, float]:
         pcfg, device = self.pcfg, self.device
@@ -533,6 +560,8 @@ class Trainer:
         sums = torch.zeros(len(names) + 2, device=device)  # losses..., l1, mse (of the main step)
         bad_step = torch.full((), -1, dtype=torch.int64, device=device)  # first batch with a non-finite value
         seen = 0
+        logged, logged_at = [0.0] * len(names), 0  # loss sums (host) and batch index at the last log point
+        lr_used = float(self.optimizer.param_groups[0]["lr"])  # the lr of the last optimiser step taken
         t0, c0 = time.perf_counter(), time.process_time()
         bar = tqdm(total=self.steps_per_epoch, desc=f"phase {self.phase} epoch {self.epoch + 1}/{pcfg.epochs}",
                    unit="step", disable=not (self.progress and self.dist.is_main), leave=False, dynamic_ncols=True)  # fmt: skip
@@ -541,22 +570,25 @@ class Trainer:
             for i in range(self.steps_per_epoch):
                 batch = augment(to_device(next(batches), device), self.cfg.train.augment, self.in_len, self.out_len)
                 micro = i % pcfg.grad_accum
-                last_micro = micro == pcfg.grad_accum - 1 or i == self.steps_per_epoch - 1
+                # micro-steps in this accumulation group: the epoch's last one may be short
+                group = min(pcfg.grad_accum, self.steps_per_epoch - (i - micro))
+                last_micro = micro == group - 1
                 step_losses = []
                 norms = []
                 if self.two_step:
                     loss, parts, _ = self._forward_loss(self.train_model, batch, 1)
-                    norms.append(self._backward_step(loss, sync=last_micro, last_micro=last_micro))
+                    norms.append(self._backward_step(loss, sync=last_micro, last_micro=last_micro, accum=group))
                     step_losses.append(loss.detach())
                     if pcfg.align:
                         loss2, _, _ = self._forward_loss(self.train_model, batch, 2)
-                        norms.append(self._backward_step(loss2, sync=True, last_micro=last_micro))
+                        norms.append(self._backward_step(loss2, sync=True, last_micro=last_micro, accum=group))
                         step_losses.append(loss2.detach())
                 else:
                     loss, parts, _ = self._forward_loss(self.train_model, batch, 2)
-                    norms.append(self._backward_step(loss, sync=last_micro, last_micro=last_micro))
+                    norms.append(self._backward_step(loss, sync=last_micro, last_micro=last_micro, accum=group))
                     step_losses.append(loss.detach())
                 if last_micro:
+                    lr_used = float(self.optimizer.param_groups[0]["lr"])  # what this step used (a host float)
                     self.scheduler.step()
                 values = torch.stack([*step_losses, parts["l1"], parts["mse"]])
                 sums += values.float()
@@ -570,9 +602,22 @@ class Trainer:
                 seen += batch["inputs"].shape[0]
                 bar.update(1)
                 if (i + 1) % self.cfg.train.log_every == 0 or i + 1 == self.steps_per_epoch:
-                    self._check_finite(bad_step)  # the one host sync, every log_every steps
+                    # the one host sync, every log_every steps: loss sums and the first bad step together
+                    host = torch.cat([sums[: len(names)].double(), bad_step.double().view(1)]).tolist()
+                    self._check_finite(int(host[-1]))
+                    window = (i + 1) - logged_at
+                    point = {"step": float(self.step), "epoch": float(self.epoch + 1)}
+                    for k, name in enumerate(names):
+                        point[f"train.{name}"] = (host[k] - logged[k]) / window
+                    if self.two_step:
+                        point["train.loss"] = point["train.loss_align" if pcfg.align else "train.loss_phase1"]
+                    point["lr"] = lr_used
+                    logged, logged_at = host[: len(names)], i + 1
+                    self.step_curve.append(point)
+                    if self.dist.is_main:
+                        tracker.log_metrics(_step_metrics(point), step=self.step)
                     elapsed = time.perf_counter() - t0
-                    post = {"loss": f"{(sums[0] / (i + 1)).item():.4f}", "lr": f"{self.scheduler.get_last_lr()[0]:.2e}",
+                    post = {"loss": f"{host[0] / (i + 1):.4f}", "lr": f"{lr_used:.2e}",
                             "samples/s": f"{seen * self.dist.world_size / max(elapsed, 1e-9):.2f}"}  # fmt: skip
                     mem = _gpu_mib(device)
                     if mem:
@@ -582,6 +627,7 @@ class Trainer:
             bar.close()
         self._check_finite(bad_step)
         elapsed = time.perf_counter() - t0
+        sums = distributed.all_reduce_mean(sums, self.dist)  # every rank's shard, not rank 0's alone
         means = (sums / max(1, self.steps_per_epoch)).tolist()
         metrics: dict[str, float] = {"epoch": float(self.epoch + 1)}
         for name, value in zip(names, means, strict=False):
@@ -589,15 +635,15 @@ class Trainer:
         if self.two_step:
             metrics["train.loss"] = metrics["train.loss_align" if pcfg.align else "train.loss_phase1"]
         metrics["train.l1"], metrics["train.mse"] = means[-2], means[-1]
-        metrics["lr"] = float(self.scheduler.get_last_lr()[0])
+        metrics["lr"] = lr_used  # the lr of the epoch's last optimiser step (not the next, unused one)
         metrics["samples_per_s"] = seen * self.dist.world_size / max(elapsed, 1e-9)
         metrics["epoch_time_s"] = elapsed
         metrics["epoch_cpu_s"] = time.process_time() - c0  # this process's CPU time (steadier on a shared machine)
         metrics.update(_gpu_mib(device))
         return metrics
 
-    def _check_finite(self, bad_step: torch.Tensor) -> None:
-        bad = int(bad_step.item())
+    def _check_finite(self, bad_step: torch.Tensor | int) -> None:
+        bad = int(bad_step.item()) if isinstance(bad_step, torch.Tensor) else int(bad_step)
         bad = max(bad, -1)
         if distributed.any_rank(bad >= 0, self.dist):
             where = f"step {bad}" if bad >= 0 else "on another rank"
@@ -611,7 +657,8 @@ class Trainer:
 
     @torch.no_grad()
     def _validate(self) -> dict[str, float]:
-        """Validation on rank 0 (the inference path: phase-2 forward; EMA weights when EMA is on)."""
+        """Validation on rank 0 (the inference path: phase-2 forward; EMA weights when EMA is on), over
+        the val loader's windows: the whole split, or the fixed evenly spaced subset of a capped one."""
         if not self.dist.is_main or self.val_loader is None:
             return {}
         model = self.model
@@ -625,12 +672,8 @@ class Trainer:
         ev = self.cfg.evaluate  # the same thresholds and pooling as stage evaluate; no FSS (cost)
         scores = ScoreAccumulator(thresholds=ev.thresholds, pool_sizes=ev.pool_sizes, out_len=self.out_len,
                                   ssim=ev.ssim, fss_scales=(), device=self.device)  # fmt: skip
-        limit = self.cfg.train.val_max_batches
-        try:
-            for batch in tqdm(self.val_loader, desc="validate", unit="batch", leave=False,
-                              disable=not self.progress, total=min(len(self.val_loader), limit or len(self.val_loader))):  # fmt: skip
-                if limit and n_batches >= limit:
-                    break
+        try:  # the val loader's sampler holds the capped subset (the same windows every epoch)
+            for batch in tqdm(self.val_loader, desc="validate", unit="batch", leave=False, disable=not self.progress):
                 batch = to_device(batch, self.device)
                 loss, _, pred = self._forward_loss(model, batch, 2)
                 err = pred.float() - batch["targets"]

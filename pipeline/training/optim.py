@@ -6,13 +6,16 @@ Parameter groups: every parameter falls in ``encoder``, ``decoder`` or ``head`` 
 norm scales and other 1-D parameters.
 
 Schedules are multipliers of each group's lr, one value per optimiser step (``LambdaLR``, whose
-state is the step count), with a linear warm-up over ``warmup_frac`` of all steps:
+state is the step count): ``factor(s)`` is the lr of optimiser step ``s`` (0-based), so a run of
+``total`` steps uses ``factor(0) .. factor(total - 1)``, and the last of them is the schedule's end
+value exactly. A linear warm-up runs over ``warmup_frac`` of all steps:
 
-- ``cosine``: warm-up from 0, then cosine from 1 down to ``min_lr_frac``
-- ``onecycle``: cosine ramp from 1/25 up to 1 over the warm-up, then cosine down to 1/1e4
-  (the OneCycleLR shape, ``div_factor`` 25, ``final_div_factor`` 1e4)
+- ``cosine``: warm-up from 0, then cosine from 1 down to ``min_lr_frac``, reached on the last step
+- ``onecycle``: cosine ramp from 1/25 up to 1 over the warm-up, then cosine down to 1/25/1e4 on the
+  last step (the OneCycleLR shape, ``div_factor`` 25, ``final_div_factor`` 1e4)
 - ``cosine_restarts``: warm-up, then SGDR cosine periods of ``restart_epochs * restart_mult^k``
-  epochs, each from 1 down to ``min_lr_frac``
+  epochs, each from 1 down to ``min_lr_frac`` on its own last step; the period the run ends in is
+  cut to the steps left, so it too ends at ``min_lr_frac`` on the last step
 - ``constant``: warm-up, then 1
 """
 
@@ -64,34 +67,44 @@ def build_optimizer(model: nn.Module, phase_cfg, exclude: Iterable[nn.Parameter]
 
 
 def lr_multiplier(phase_cfg, total_steps: int, steps_per_epoch: int) -> Callable[[int], float]:
-    """step -> lr factor for the configured schedule over ``total_steps`` optimiser steps."""
+    """step -> lr factor for the configured schedule over ``total_steps`` optimiser steps
+    (``factor(total_steps - 1)``, the last step's, is the schedule's floor)."""
     total = max(1, total_steps)
-    warm = int(round(phase_cfg.warmup_frac * total))
+    last = total - 1  # the last optimiser step
+    # warm-up steps; at least one step is left to decay on (it ends at the floor)
+    warm = min(int(round(phase_cfg.warmup_frac * total)), max(0, total - 2))
     floor = phase_cfg.min_lr_frac
     kind = phase_cfg.schedule
 
     def cosine(progress: float, hi: float, lo: float) -> float:
         return lo + (hi - lo) * 0.5 * (1 + math.cos(math.pi * min(max(progress, 0.0), 1.0)))
 
+    def decay(step: int) -> float:
+        """0 on the first step after the warm-up, 1 on the last step."""
+        span = last - warm
+        return (step - warm) / span if span > 0 else 1.0
+
     def factor(step: int) -> float:
         if kind == "onecycle":
             start, end = 1 / 25, 1 / 25 / 1e4
             if step < warm:
                 return cosine(step / warm, start, 1.0)  # from start (progress 0) up to 1 (progress 1)
-            return cosine((step - warm) / max(1, total - warm), 1.0, end)
+            return cosine(decay(step), 1.0, end)
         if step < warm:
             return (step + 1) / (warm + 1)
         if kind == "constant":
             return 1.0
         if kind == "cosine":
-            return cosine((step - warm) / max(1, total - warm), 1.0, floor)
-        # cosine_restarts (SGDR): periods of restart_epochs * mult^k epochs, in steps
+            return cosine(decay(step), 1.0, floor)
+        # cosine_restarts (SGDR): periods of restart_epochs * mult^k epochs, in steps; each ends at
+        # the floor on its last step, and the period the run ends in is cut to the steps left
         period = max(1, phase_cfg.restart_epochs * steps_per_epoch)
-        t = step - warm
-        while t >= period:
-            t -= period
+        begin = warm
+        while step >= begin + period:
+            begin += period
             period *= phase_cfg.restart_mult
-        return cosine(t / period, 1.0, floor)
+        length = min(period, total - begin)
+        return cosine((step - begin) / (length - 1), 1.0, floor) if length > 1 else floor
 
     return factor
 

@@ -32,6 +32,7 @@ log = logging.getLogger("pipeline.tuning")
 
 
 IMPOSSIBLE = "impossible"  # user attr of a trial whose combination the config check refused
+VAL_BATCH_AUTO = 4  # windows per search.val_max_batches batch when train.batch_size is auto
 
 
 class TrialFailed(PipelineError):
@@ -102,10 +103,14 @@ class Phase1Objective:
     def trial_config(self, overrides: dict[str, Any]) -> Config:
         """The trial's full config: the suggestion plus the study's short phase-1 budget, no own MLflow logging."""
         search = self.base.search
+        # Every trial validates on the same windows (evenly spaced over the val split): the cap is in
+        # windows, search.val_max_batches batches of the base batch size, whatever batch size a trial draws.
+        base_batch = self.base.train.batch_size if isinstance(self.base.train.batch_size, int) else VAL_BATCH_AUTO
         budget = {
             "train.phase1.epochs": search.epochs,
             "train.phase1.max_steps_per_epoch": search.max_steps_per_epoch,
             "train.val_max_batches": search.val_max_batches,
+            "train.val_max_windows": search.val_max_batches * base_batch,
             "tracking.enabled": False,  # the trial's MLflow run is written here, nested under the study
         }
         return apply_overrides(self.base, {**overrides, **budget}, source="search trial")
