@@ -84,6 +84,11 @@ class ModelConfig(_Section):
     # top of it. The head then shapes the change: linear (unbounded) or sigmoid (2 sigmoid - 1, in -1..1);
     # convlstm's 1x1 output conv has no activation, so its change is linear. Predictions stay unclamped
     residual: bool = False
+    # motion-aware output (ours, after NowcastNet's evolution network; needs residual: true): each forecast
+    # step also predicts a flow field, and the previous frame advected by it (semi-Lagrangian warp) is the
+    # anchor the change is added to: x_{t+1} = warp(x_t, v_t) + s_t. The flow layer starts at zero, so a
+    # fresh model is still persistence (models/motion.py; benchmarks/README.md, "Skill")
+    motion: bool = False
     # position information of window attention: relative (a learned bias per relative offset, Swin), absolute
     # (a learned embedding per position in the window, added to the tokens), sincos (fixed 2D sin/cos, added),
     # rotary (2D RoPE on queries and keys; head dims multiples of 4)
@@ -102,6 +107,9 @@ class ModelConfig(_Section):
             raise ValueError("model.depths_up and model.depths_down must have the same length (one entry per stage)")
         if len(self.heads) != len(self.depths_down):
             raise ValueError("model.heads needs one entry per stage, as many as model.depths_down")
+        if self.motion and not self.residual:
+            raise ValueError("model.motion = true needs model.residual = true (the change is added to the advected "
+                             "frame); set model.residual: true or model.motion: false")
         if self.name == "convlstm":
             if self.convlstm.kernel_size % 2 == 0:
                 raise ValueError(f"model.convlstm.kernel_size = {self.convlstm.kernel_size} must be odd")

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from models.base import Forecaster, check_input
 from models.config import ModelConfig
+from models.motion import Evolution, FlowHead
 from models.registry import register
 
 State = tuple[Tensor, Tensor]
@@ -70,10 +71,13 @@ class ConvLSTM(Forecaster):
         self.forecaster = nn.ModuleList(
             ConvLSTMCell(0 if i == 0 else hidden[i - 1], hidden[i], k) for i in range(len(hidden))
         )
-        self.head = nn.Conv2d(sum(hidden), folded, kernel_size=1)
-        if cfg.residual:  # model.residual: the head outputs a change to the last input frame, 0 at the start
+        # model.motion: the flow head (below) draws the forecast instead; no pixel head
+        self.head = None if cfg.motion else nn.Conv2d(sum(hidden), folded, kernel_size=1)
+        if self.head is not None and cfg.residual:  # model.residual: the head outputs a change to the last input frame, 0 at the start
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
+        # model.motion: a flow per forecast step from the stacked hidden states (zero at the start)
+        self.flow_head = FlowHead(sum(hidden), p, channels_last=False) if cfg.motion else None
 
     def forward(self, x: Tensor, out_len: int, memory_x: Tensor | None = None, phase: int = 2) -> Tensor:
         """(B, T_in, C, H, W) on 0-1 -> (B, out_len, C, H, W); H, W multiples of patch_size."""
@@ -92,12 +96,18 @@ class ConvLSTM(Forecaster):
                 inp = states[i][0]
 
         preds = []
+        evolution = Evolution(x[:, -1]) if self.flow_head is not None else None
         for _ in range(out_len):
             inp = None
             for i, cell in enumerate(self.forecaster):
                 states[i] = cell(inp, states[i])
                 inp = states[i][0]
-            folded = self.head(torch.cat([h for h, _ in states], dim=1))  # (B, C p^2, H/p, W/p)
-            preds.append(F.pixel_shuffle(folded, p))  # (B, C, H, W)
+            hidden = torch.cat([h for h, _ in states], dim=1)  # (B, sum(hidden), H/p, W/p)
+            if evolution is not None:  # model.motion: the last input advected by the accumulated flow + change
+                preds.append(evolution.step(self.flow_head(hidden)))
+            else:
+                preds.append(F.pixel_shuffle(self.head(hidden), p))  # (B, C, H, W)
         out = torch.stack(preds, dim=1)  # (B, out_len, C, H, W)
+        if self.flow_head is not None:
+            return out
         return x[:, -1:] + out if self.cfg.residual else out  # model.residual: last input frame + change

@@ -41,6 +41,7 @@ from models.blocks import (
     WindowAttention,
 )
 from models.config import ModelConfig
+from models.motion import Evolution, FlowHead
 from models.registry import register
 
 CellState = tuple[Tensor, Tensor]
@@ -82,16 +83,21 @@ class SwinLSTMD(nn.Module):
         self.merge = nn.ModuleList(PatchMerging(D * 2**i) for i in range(S))
         self.up = nn.ModuleList(cell(D * 2 ** (S - j), cfg.depths_up[j], cfg.heads[S - 1 - j]) for j in range(S))
         self.expand = nn.ModuleList(PatchExpanding(D * 2 ** (S - j)) for j in range(S))
-        self.head = PixelHead(D, cfg.in_channels, cfg.patch_size, sigmoid=cfg.head == "sigmoid", residual=cfg.residual)
+        # model.motion: the flow head (below) draws the forecast instead; no pixel head
+        self.head = None if cfg.motion else PixelHead(D, cfg.in_channels, cfg.patch_size,
+                                                      sigmoid=cfg.head == "sigmoid", residual=cfg.residual)
         self.apply(_init_weights)
         self.deep_fusion = deep_fusion  # after init: it keeps its own initialisation
+        # model.motion: a flow per forecast step from the head's tokens (zero at the start, see models.motion)
+        self.flow_head = FlowHead(D, cfg.patch_size, channels_last=True) if cfg.motion else None
 
     def step(
         self, frame: Tensor, states: list[CellState | None], memory: Tensor | None, forecast: bool = True
-    ) -> tuple[Tensor, list[CellState | None]]:
+    ) -> tuple[Tensor, list[CellState | None]] | tuple[Tensor, list[CellState | None], Tensor]:
         """One recurrent step: frame (B, C, H, W) -> prediction of the next frame (B, C, H, W).
 
         ``forecast``: this step predicts a target frame (the last input's step or a fed-back one).
+        With ``model.motion`` a forecast step also returns its flow (B, 2, H, W) (see :meth:`forward`).
         """
         S = self.cfg.stages
         fuse = self.deep_fusion is not None and memory is not None
@@ -120,6 +126,8 @@ class SwinLSTMD(nn.Module):
             x = self.expand[j](x)  # (B, 2h, 2w, C/2)
             if self.cfg.skips:  # ours, not the paper's: U-Net skips from the down path
                 x = x + skips[S - 1 - j]
+        if self.flow_head is not None:  # model.motion: no pixel head; the flow head only at forecast steps
+            return x, new_states, (self.flow_head(x) if forecast else None)
         return self.head(x), new_states
 
     def forward(self, x: Tensor, out_len: int, memory: Tensor | None = None) -> Tensor:
@@ -129,12 +137,19 @@ class SwinLSTMD(nn.Module):
         preds: list[Tensor] = []
         pred = x[:, 0]
         anchor = x[:, -1]  # model.residual: forecasts are the last input frame + the head's change
+        evolution = Evolution(anchor) if self.flow_head is not None else None
         for t in range(T + out_len - 1):
             frame = x[:, t] if t < T else pred  # feed the inputs, then the model's own forecast
-            pred, states = self.step(frame, states, memory, forecast=t >= T - 1)  # (B, C, H, W): frame t + 1
+            out = self.step(frame, states, memory, forecast=t >= T - 1)  # (B, C, H, W): frame t + 1
+            pred, states = out[0], out[1]
             if t >= T - 1:
+                if evolution is not None:  # model.motion: the last input advected by the accumulated flow + change
+                    pred = evolution.step(out[2])
+                    preds.append(pred)
+                    continue
                 if self.cfg.residual:
                     pred = anchor + pred
+                    anchor = pred  # the next step starts from this forecast (motion), unused otherwise
                 preds.append(pred)
         return torch.stack(preds, dim=1)
 

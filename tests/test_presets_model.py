@@ -44,6 +44,7 @@ REFERENCE_OPTIONS: dict[str, Any] = {
     "model.skips": False,  # model.py SwinLSTM.forward: Downsample then Upsample, no skip connections
     "model.head": "sigmoid",  # model.py UpSample.forward: torch.sigmoid(self.Unembed(x))
     "model.residual": False,  # model.py Memory.forward: outputs.append(output), the head's frame itself
+    "model.motion": False,  # the published code predicts frames directly: no flow head, no warp
     "model.pos": "relative",  # model.py SwinLSTMCell: use_pe=True, dwc_pe=False, fixed_pe=False -> dat.py rpe_table
     "model.dat.groups": 4,  # model.py SwinLSTMCell n_group=4
     "model.dat.sampling": "window",  # dat.py DATSwinDAttention.forward samples the (window x window) map

@@ -1,0 +1,113 @@
+"""model.motion: forecasts are the last input frame carried by a learned flow (models/motion.py)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import models
+from models.config import ModelConfig
+from models.motion import Evolution, FlowHead, advect
+from tests.test_models_learn import IN_LEN, OUT_LEN, TINY, moving_blobs
+
+NAMES = ("convlstm", "swinlstm", "datswinlstm_memory")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(one_torch_thread):  # type: ignore[no-untyped-def]
+    """Tiny models are dispatch-bound: one intra-op thread is as fast, and immune to a busy machine."""
+
+
+def test_advect_moves_a_pixel_by_a_whole_flow_exactly() -> None:
+    frame = torch.zeros(1, 1, 8, 8)
+    frame[0, 0, 3, 3] = 1.0
+    flow = torch.zeros(1, 2, 8, 8)
+    flow[:, 0], flow[:, 1] = 1.0, 2.0  # one row down, two columns right
+    moved = advect(frame, flow)
+    assert moved[0, 0, 4, 5] == pytest.approx(1.0)
+    assert moved.sum() == pytest.approx(1.0)
+    assert torch.equal(advect(frame, torch.zeros_like(flow)), frame)
+
+
+def test_rain_from_outside_the_frame_enters_as_zero() -> None:
+    frame = torch.ones(1, 1, 8, 8)
+    flow = torch.zeros(1, 2, 8, 8)
+    flow[:, 1] = 2.0  # everything moves two columns right: columns 0 and 1 come from outside
+    moved = advect(frame, flow)
+    assert torch.all(moved[..., :2] == 0) and torch.all(moved[..., 2:] == 1)
+
+
+def test_evolution_interpolates_the_frame_once_per_lead() -> None:
+    """A constant half-pixel flow for 4 steps moves a blob 2 pixels with one bilinear interpolation,
+    not four: the blob stays as sharp as a single 2-pixel shift."""
+    frame = torch.zeros(1, 1, 16, 16)
+    frame[0, 0, 8, 4] = 1.0
+    motion = torch.zeros(1, 3, 16, 16)
+    motion[:, 1] = 0.5
+    evolution = Evolution(frame)
+    for _ in range(4):
+        out = evolution.step(motion)
+    assert out[0, 0, 8, 6] == pytest.approx(1.0, abs=1e-5)
+    chained = frame
+    for _ in range(4):
+        chained = advect(chained, motion[:, :2])
+    assert chained.max() < 0.5  # what chained warps would have done: the blob smeared over 5 pixels
+
+
+def test_flow_head_starts_at_zero_and_is_smooth() -> None:
+    head = FlowHead(8, scale=4, channels_last=True)
+    tokens = torch.randn(2, 4, 4, 8)
+    assert torch.equal(head(tokens), torch.zeros(2, 3, 16, 16))
+    torch.nn.init.normal_(head.proj.weight)
+    out = head(tokens)
+    assert out.shape == (2, 3, 16, 16)
+    # bilinear upsampling: neighbouring pixels differ far less than neighbouring tokens
+    assert (out[..., 1:] - out[..., :-1]).abs().max() < (out[..., ::4][..., 1:] - out[..., ::4][..., :-1]).abs().max()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_fresh_motion_model_is_persistence(name: str) -> None:
+    torch.manual_seed(0)
+    model = models.build(ModelConfig(name=name, residual=True, motion=True, **TINY)).eval()
+    clip = moving_blobs()
+    x = clip[:, :IN_LEN]
+    with torch.no_grad():
+        out = model(x, OUT_LEN)
+    assert torch.equal(out, x[:, -1:].expand(-1, OUT_LEN, -1, -1, -1))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_motion_parameter_gets_a_gradient(name: str) -> None:
+    torch.manual_seed(0)
+    model = models.build(ModelConfig(name=name, residual=True, motion=True, **TINY))
+    clip = moving_blobs()
+    loss = (model(clip[:, :IN_LEN], OUT_LEN) - clip[:, IN_LEN:]).square().mean()
+    loss.backward()
+    unused = set(model.unused_parameters(2))
+    missing = [n for n, p in model.named_parameters() if p.grad is None and n not in unused]
+    assert not missing
+    assert model.state_dict().keys().isdisjoint({"backbone.head.proj.weight", "head.weight"})  # no pixel head
+
+
+def test_motion_needs_residual_in_one_line() -> None:
+    with pytest.raises(ValueError, match=r"model\.motion = true needs model\.residual = true"):
+        ModelConfig(motion=True, residual=False)
+
+
+@pytest.mark.slow
+def test_a_motion_model_learns_the_motion_of_moving_blobs() -> None:
+    """ConvLSTM with the motion output, 150 steps on one batch of moving blobs: well below persistence."""
+    torch.manual_seed(0)
+    model = models.build(ModelConfig(name="convlstm", residual=True, motion=True, **TINY))
+    clip = moving_blobs()
+    x, y = clip[:, :IN_LEN], clip[:, IN_LEN:]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(150):
+        loss = (model(x, OUT_LEN) - y).square().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    persistence = (x[:, -1:].expand_as(y) - y).square().mean().item()
+    with torch.no_grad():
+        final = (model.eval()(x, OUT_LEN) - y).square().mean().item()
+    assert final < 0.3 * persistence
