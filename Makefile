@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 LOCK_HASH := $(shell sha1sum requirements.lock | cut -c1-12)
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
 
-.PHONY: install repro test test-fast bench ui dashboard exp-show dag lint clean
+.PHONY: install repro test test-fast bench bench-skill ui dashboard exp-show dag lint clean
 
 install: $(STAMP)
 
@@ -35,6 +35,11 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_eval.py
 	$(BIN)/python benchmarks/bench_memory_options.py
 	$(BIN)/python benchmarks/bench_search.py
+
+# test skill against CPU training time per model family (minutes to an hour: not part of `make bench`);
+# e.g. make bench-skill ARGS="--quick --models convlstm"; writes /tmp/bench_skill (--out)
+bench-skill: $(STAMP)
+	$(BIN)/python benchmarks/bench_skill.py $(ARGS)
 
 # MLflow UI on the project's store; prints the runs-table link (PORT=5000 by default)
 PORT ?= 5000
