@@ -22,8 +22,8 @@ from pipeline.cli import run_stage, setup_logging, stage_parser
 from pipeline.errors import PipelineError
 from pipeline.scoring import evaluation, reports
 from pipeline.scoring.forecasters import get_method, model_from_checkpoint
-from pipeline.scoring.mlflow_log import log_evaluation
-from pipeline.tracking import stage_run
+from pipeline.scoring.mlflow_log import log_evaluation, log_model
+from pipeline.tracking import log_windows_inputs, stage_run
 from pipeline.training.checkpoint import read_checkpoint
 from pipeline.training.loop import cpu_threads
 
@@ -89,6 +89,10 @@ def main(argv: list[str] | None = None) -> None:
         reports.write_metrics(metrics_path, doc)  # last: DVC's metrics appear only when everything else is there
         log_evaluation(mlflow, doc, tables, split, files=[metrics_path, summary, *csvs, *pngs, *([gallery] if gallery else [])],
                        reports_dir=out)  # fmt: skip
+        # the windows as dataset inputs, the phase-2 weights as the registered MLflow model of this run
+        digests = log_windows_inputs(mlflow, cfg.windows.root, ("train", "val", "test"))
+        log_model(mlflow, forecasters["model"].model, ckpt["model_config"], ckpt["data"], minutes, doc, split,
+                  digests.get(split))  # fmt: skip
     print(reports.summary_markdown(doc, split))
 
 

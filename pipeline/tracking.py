@@ -16,6 +16,12 @@ RUNNING while a stage runs and ends when the last stage ends, so its duration is
 the pipeline's. The experiment is tagged as a model-development experiment so
 MLflow 3's UI opens it on the runs table, not the GenAI view.
 
+Every run (parent and stage) carries its source: ``mlflow.source.git.commit``,
+``mlflow.source.git.branch`` and ``git.branch``, ``mlflow.source.name`` (the stage's module, e.g.
+``pipeline/evaluate.py``) and ``mlflow.source.type`` (LOCAL), so the UI's Source column shows
+the code (:func:`source_tags`; nothing when the project is not a git checkout). The windows
+splits a stage reads are its run's dataset inputs (:func:`log_windows_inputs`).
+
 A local sqlite store is shared by concurrent pipelines (``dvc queue start -j 2``,
 several search workers): it runs in WAL mode with a long busy timeout, and the
 first creation of its schema is serialised by a file lock.
@@ -250,20 +256,139 @@ def _parent_run_id(client: Any, experiment_id: str, key: str, cfg: Config) -> st
     tags = {KEY_TAG: key, PARENT_TAG: "true"}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
-    rev = _git_rev()
-    if rev:
-        tags["mlflow.source.git.commit"] = rev
+    tags.update(source_tags("pipeline"))
     run = client.create_run(experiment_id, run_name=name, tags=tags)
     _log_params_batched(client, run.info.run_id, flatten("", cfg))
     return run.info.run_id
 
 
-def _git_rev() -> str:
+def _git(*args: str) -> str:
+    """``git <args>`` in the project root, stripped; "" when git or the repository is missing."""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
-        return subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=project_root(), timeout=10
-        ).stdout.strip()
+        done = subprocess.run(["git", *args], capture_output=True, text=True, cwd=project_root(), timeout=10)
+        return done.stdout.strip() if done.returncode == 0 else ""
     return ""
+
+
+def _git_rev() -> str:
+    return _git("rev-parse", "HEAD")
+
+
+# The module each stage runs (``mlflow.source.name``); stages not listed are ``pipeline/<stage>.py``.
+_STAGE_MODULES = {"train_phase1": "pipeline/train.py", "train_phase2": "pipeline/train.py", "pipeline": "dvc.yaml"}
+
+
+def source_tags(stage: str) -> dict[str, str]:
+    """MLflow's source tags for a run of ``stage``: git commit, branch and remote URL (when the project
+    is a git checkout), the source name (the stage's module) and type LOCAL."""
+    tags = {"mlflow.source.type": "LOCAL", "mlflow.source.name": _STAGE_MODULES.get(stage, f"pipeline/{stage}.py")}
+    rev = _git_rev()
+    if not rev:
+        return tags
+    tags["mlflow.source.git.commit"] = rev
+    branch = _git("rev-parse", "--abbrev-ref", "HEAD")
+    if branch and branch != "HEAD":  # "HEAD": a detached checkout has no branch
+        tags["mlflow.source.git.branch"] = tags["git.branch"] = branch
+    url = _git("config", "--get", "remote.origin.url")
+    if url:
+        tags["mlflow.source.git.repoURL"] = redact(url)
+    return tags
+
+
+# ------------------------------------------------------------------ windows splits as dataset inputs
+DIGEST_WHOLE_FILE_BYTES = 2 * 2**30  # files up to this size get a full md5 (what DVC records per file)
+
+
+def file_digest(path: Path) -> str:
+    """A content digest of a windows file: its md5 (the hash DVC records for the file) up to
+    :data:`DIGEST_WHOLE_FILE_BYTES`, else ``s`` + 31 hex of the training checkpoints' sampled
+    fingerprint (layout, small datasets and frames spread over the file). 32 characters either way
+    (MLflow keeps at most 36)."""
+    path = Path(path)
+    if path.stat().st_size <= DIGEST_WHOLE_FILE_BYTES:
+        with open(path, "rb") as fh:
+            return hashlib.file_digest(fh, "md5").hexdigest()
+    from pipeline.training.checkpoint import _file_digest
+
+    return "s" + _file_digest(path)[:31]
+
+
+def dvc_hash(path: Path) -> str | None:
+    """The md5 ``dvc.lock`` records for the output ``path`` (a file or folder: ``<md5>.dir``), or None."""
+    import yaml
+
+    lock = project_root() / "dvc.lock"
+    try:
+        stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {})
+        target = Path(path).resolve()
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    for stage in stages.values():
+        for out in (stage or {}).get("outs", []) or []:
+            if isinstance(out, dict) and (project_root() / str(out.get("path", ""))).resolve() == target:
+                return out.get("md5") or out.get("hash")
+    return None
+
+
+def windows_dataset(path: Path, split: str) -> Any:
+    """An ``mlflow.data`` dataset for one windows split file: name ``windows/<split>``, digest
+    :func:`file_digest`, source the file path, a tensor schema of ``vil``, and a profile with the
+    window and event counts, lengths, and the DVC hash of its folder when ``dvc.lock`` has one."""
+    import warnings
+
+    import h5py
+    import numpy as np
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+    from mlflow.data.meta_dataset import MetaDataset
+    from mlflow.types import Schema, TensorSpec
+
+    path = Path(path).resolve()
+    profile: dict[str, Any] = {}
+    folder_hash = dvc_hash(path) or dvc_hash(path.parent)
+    if folder_hash:
+        profile["dvc_md5"] = folder_hash
+    schema = None
+    with contextlib.suppress(OSError, KeyError), h5py.File(path, "r") as h5:
+        vil = h5["vil"]
+        profile.update(windows=int(h5["window_event"].shape[0]), events=int(vil.shape[0]))
+        profile.update({k: int(h5.attrs[k]) for k in ("in_len", "out_len", "frame_minutes") if k in h5.attrs})
+        schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, *vil.shape[1:]), "vil")])
+    with warnings.catch_warnings():  # "can be interpreted in multiple ways": a local file either way
+        warnings.simplefilter("ignore", UserWarning)
+        source = resolve_dataset_source(str(path))
+
+    class _WindowsDataset(MetaDataset):
+        @property
+        def profile(self) -> Any:
+            return json.dumps(profile) if profile else None
+
+        def to_dict(self) -> dict[str, str]:
+            out = super().to_dict()
+            if profile:
+                out["profile"] = json.dumps(profile)
+            return out
+
+    return _WindowsDataset(source=source, name=f"windows/{split}", digest=file_digest(path), schema=schema)
+
+
+WINDOWS_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
+
+
+def log_windows_inputs(mlflow: Any, windows_root: Path, splits: tuple[str, ...]) -> dict[str, str]:
+    """Log ``<windows_root>/<split>.h5`` of each of ``splits`` as a dataset input of the active run
+    (context training / validation / test); returns ``{split: digest}``. Missing files are skipped;
+    a no-op without an active run (tracking off)."""
+    if not hasattr(mlflow, "active_run") or not callable(getattr(mlflow, "log_input", None)) or mlflow.active_run() is None:
+        return {}
+    digests: dict[str, str] = {}
+    for split in splits:
+        path = Path(windows_root) / f"{split}.h5"
+        if not path.is_file():
+            continue
+        dataset = windows_dataset(path, split)
+        mlflow.log_input(dataset, context=WINDOWS_CONTEXTS.get(split, split))
+        digests[split] = dataset.digest
+    return digests
 
 
 def _end_parent(client: Any, parent: str, status: str) -> None:
@@ -330,7 +455,7 @@ def stage_run(cfg: Config, stage: str, sections: tuple[str, ...] = ()) -> Iterat
         raise PipelineError(
             f"tracking.uri = {redact(shown_uri)}: MLflow store not usable ({first}); fix tracking.uri or MLFLOW_TRACKING_URI"
         ) from None
-    tags = {KEY_TAG: key, "pipeline.stage": stage}
+    tags = {KEY_TAG: key, "pipeline.stage": stage, **source_tags(stage)}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
     status = "FAILED"

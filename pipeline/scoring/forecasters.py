@@ -10,10 +10,12 @@ forecast on 0-255 (:class:`pipeline.scoring.ScoreAccumulator` scores both the sa
 - ``optical_flow``: pysteps' dense Lucas-Kanade motion field (OpenCV feature tracking) from the
   last ``n_frames`` inputs, then pysteps' semi-Lagrangian extrapolation of the last frame.
   Rain advected in from outside the frame is unknown (NaN in pysteps) and set to 0.
-- ``model``: a trained network from a checkpoint (:func:`model_from_checkpoint`), run in phase 2
+- ``model``: a trained network from a checkpoint (:func:`model_from_checkpoint`) or an MLflow
+  model URI (:func:`model_from_uri`, e.g. ``models:/sevir-nowcaster@champion``), run in phase 2
   (inference) under ``torch.inference_mode``, with bf16/fp16 autocast on CUDA when asked.
 
-``get_method(name, **kwargs)`` builds a baseline by name; ``BASELINES`` lists them.
+``get_method(name, **kwargs)`` builds any of them by name (``get_method("model", checkpoint=PATH)``
+or ``get_method("model", model_uri=URI)``); ``BASELINES`` lists the baselines.
 """
 
 from __future__ import annotations
@@ -88,7 +90,10 @@ class ModelForecaster:
 
     name = "model"
 
-    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", precision: str = "fp32"):
+    def __init__(self, model: nn.Module, device: torch.device | str = "cpu", precision: str = "fp32",
+                 data: dict[str, int] | None = None, frame_minutes: int | None = None):  # fmt: skip
+        self.data = data  # {"in_len", "out_len", "height", "width"} the network was trained on, when known
+        self.frame_minutes = frame_minutes
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
@@ -110,11 +115,17 @@ BASELINES: dict[str, Callable[..., Forecaster]] = {"persistence": Persistence, "
 
 
 def get_method(name: str, **kwargs: Any) -> Forecaster:
-    """A baseline forecaster by name (``persistence``, ``optical_flow``), like pysteps ``get_method``."""
+    """A forecaster by name, like pysteps ``get_method``: a baseline (``persistence``, ``optical_flow``)
+    or ``model`` with ``checkpoint=PATH`` or ``model_uri=URI`` (plus ``device``, ``precision``)."""
+    if name == "model":
+        checkpoint, uri = kwargs.pop("checkpoint", None), kwargs.pop("model_uri", None)
+        if (checkpoint is None) == (uri is None):
+            raise ValueError("forecaster 'model' takes exactly one of checkpoint=PATH or model_uri=URI")
+        return model_from_checkpoint(Path(checkpoint), **kwargs) if uri is None else model_from_uri(uri, **kwargs)
     try:
         return BASELINES[name](**kwargs)
     except KeyError:
-        raise ValueError(f"unknown forecaster {name!r}; known: {', '.join(BASELINES)}") from None
+        raise ValueError(f"unknown forecaster {name!r}; known: model, {', '.join(BASELINES)}") from None
 
 
 def model_from_checkpoint(path: Path, model_cfg: Any = None, device: torch.device | str = "cpu",
@@ -124,6 +135,35 @@ def model_from_checkpoint(path: Path, model_cfg: Any = None, device: torch.devic
     ``model_cfg`` (a ``ModelConfig``), when given, must equal the checkpoint's: a difference raises
     :class:`pipeline.errors.ConfigError` naming the differing ``model.*`` keys.
     """
-    from pipeline.training.checkpoint import load_model
+    from pipeline.training.checkpoint import load_model, read_checkpoint
 
-    return ModelForecaster(load_model(Path(path), model_cfg, device=device), device=device, precision=precision)
+    data = read_checkpoint(Path(path)).get("data")
+    return ModelForecaster(load_model(Path(path), model_cfg, device=device), device=device, precision=precision,
+                           data=dict(data) if isinstance(data, dict) else None)  # fmt: skip
+
+
+def model_from_uri(uri: str, device: torch.device | str = "cpu", precision: str = "fp32") -> ModelForecaster:
+    """The network of an MLflow model (as logged by the evaluate stage, see
+    :mod:`pipeline.scoring.nowcaster_model`) as a forecaster; ``uri`` is any MLflow model URI
+    (``models:/sevir-nowcaster@champion``, ``models:/sevir-nowcaster/3``, ``runs:/<id>/model``).
+
+    Uses the current tracking / registry URI. A URI that does not resolve, or a model that is not
+    one of this project's, raises :class:`pipeline.errors.DataError` naming the URI.
+    """
+    import mlflow
+
+    from pipeline.errors import DataError
+
+    try:
+        loaded = mlflow.pyfunc.load_model(uri)
+    except Exception as err:  # noqa: BLE001 - MlflowException, OSError, ...: one line naming the URI
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise DataError(f"{uri}: MLflow model not loadable ({first}); check the URI, the tracking store "
+                        "(tracking.uri / MLFLOW_TRACKING_URI) and that the evaluate stage logged it") from None  # fmt: skip
+    wrapper = loaded.unwrap_python_model() if hasattr(loaded, "unwrap_python_model") else None
+    network = getattr(wrapper, "network", None)
+    if not isinstance(network, nn.Module):
+        raise DataError(f"{uri}: not a nowcaster model of this project (no network in its pyfunc); "
+                        "log one with the evaluate stage")  # fmt: skip
+    return ModelForecaster(network, device=device, precision=precision, data=dict(wrapper.data),
+                           frame_minutes=wrapper.frame_minutes)  # fmt: skip

@@ -754,8 +754,14 @@ class Trainer:
         if tracker.backend is None:
             return
         tracker.log_artifact(str(config_path), artifact_path=f"phase{self.phase}")
-        if self.best_path.exists():
-            tracker.log_artifact(str(self.best_path), artifact_path=f"phase{self.phase}")
+        # Checkpoints stay on disk (DVC tracks them): the evaluate stage logs the phase-2 weights as
+        # an MLflow model. The run records the windows it read as dataset inputs.
+        from pipeline.tracking import log_windows_inputs
+
+        try:
+            log_windows_inputs(tracker, self.cfg.windows.root, ("train", "val"))
+        except Exception as err:  # noqa: BLE001 - bookkeeping never fails a finished training
+            log.warning("MLflow: windows dataset inputs not logged (%s)", str(err).splitlines()[0][:160] if str(err) else type(err).__name__)
         tracker.set_tags({"train.best_key": self.pcfg.best_key, "train.best_score": str(self.best_score),
                           "train.best_epoch": str(self.best_epoch)})  # fmt: skip
 
