@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 LOCK_HASH := $(shell sha1sum requirements.lock | cut -c1-12)
 STAMP := $(VENV)/.installed-$(LOCK_HASH)
 
-.PHONY: install repro test test-fast bench bench-skill ui dashboard exp-show dag lint clean
+.PHONY: install repro test test-fast bench bench-skill ui dashboard exp-show dag lint clean predict
 
 install: $(STAMP)
 
@@ -57,6 +57,10 @@ EXP_SHOW_DROP := .*\.(pod|sucr|far|bias|hss|csi_pool4|csi_pool16)\..*|.*\.csi\.[
 EXP_SHOW_KEEP := (model|persistence|optical_flow)\.(csi_m|mse)
 exp-show: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" $(BIN)/dvc exp show --only-changed --drop '$(EXP_SHOW_DROP)' --keep '$(EXP_SHOW_KEEP)' --sort-by model.csi_m --sort-order desc $(ARGS)
+
+# a forecast from the first test window with the phase-2 checkpoint: reports/predict/forecast.{npz,png,gif}
+predict: $(STAMP)
+	$(BIN)/python -m pipeline.predict --windows data/windows/test.h5 --window 0 --out reports/predict/forecast.npz $(ARGS)
 
 dag: $(STAMP)
 	$(BIN)/dvc dag
