@@ -327,7 +327,9 @@ def test_mlflow_holds_both_phase_runs_with_per_epoch_metrics_under_one_parent(sa
         assert [m.step for m in client.get_metric_history(run.info.run_id, "val.loss")] == [1, 2]
         assert "train.phase1.lr" in run.data.params and "model.name" in run.data.params
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, f"phase{phase}")}
-        assert {f"phase{phase}/best.pt", f"phase{phase}/model_config.json"} <= artifacts
+        assert f"phase{phase}/model_config.json" in artifacts
+        assert not any(a.endswith(".pt") for a in artifacts)  # checkpoints stay on disk; evaluate logs the model
+        assert {d.dataset.name for d in client.get_run(run.info.run_id).inputs.dataset_inputs} == {"windows/train", "windows/val"}
     assert len(client.get_metric_history(runs[1].info.run_id, "train.loss_align")) == 2
     summary = json.loads((reports / "train_phase1.json").read_text())
     assert summary["epochs"] == 2 and summary["best_key"] == "val.csi_m"
