@@ -282,7 +282,9 @@ class EvaluateConfig(Section):
     batch_size: PositiveInt = 4
     max_batches: NonNegInt = 0  # 0 = the whole split; N = a quick look at N batches
     n_examples: NonNegInt = 3  # heavy-rain windows drawn in the forecast gallery
-    example_leads: list[PositiveInt] = [1, 3, 6, 12]  # lead indices (1 = first forecast frame) in the gallery
+    # lead indices (1 = first forecast frame) in the gallery, each 1..windows.out_len; null = 1, out_len/4,
+    # out_len/2, out_len (1, 3, 6, 12 at out_len 12)
+    example_leads: list[PositiveInt] | None = None
     reports_dir: Path = Path("reports")
 
     @model_validator(mode="after")
@@ -291,7 +293,17 @@ class EvaluateConfig(Section):
             raise ValueError("evaluate.thresholds needs at least one threshold")
         if len(set(self.thresholds)) != len(self.thresholds) or self.thresholds != sorted(self.thresholds):
             raise ValueError(f"evaluate.thresholds must be increasing and unique, got {self.thresholds}")
+        for key in ("pool_sizes", "fss_scales", "baselines", "example_leads"):
+            values = getattr(self, key) or []
+            if len(set(values)) != len(values):
+                raise ValueError(f"evaluate.{key} lists a value twice ({values}); keep each once")
         return self
+
+    def gallery_leads(self, out_len: int) -> list[int]:
+        """The gallery's lead indices for forecasts of ``out_len`` frames (``example_leads`` or the default)."""
+        if self.example_leads is not None:
+            return list(self.example_leads)
+        return sorted({1, max(1, out_len // 4), max(1, out_len // 2), out_len})
 
 
 # ------------------------------------------------------------------------- search
@@ -440,6 +452,26 @@ class Config(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _names_exist(self) -> Config:
+        # keys that name a metric or a lead are checked here, before any data is read or any step taken
+        for phase in (1, 2):
+            key = self.train.phase(phase).best_key
+            allowed = epoch_metric_keys(self, phase)
+            if key not in allowed:
+                raise ValueError(f"train.phase{phase}.best_key = {key!r} is not a metric that phase {phase} logs; "
+                                 f"allowed: {', '.join(allowed)}")  # fmt: skip
+        allowed = search_metric_keys(self)
+        if self.search.metric not in allowed:
+            raise ValueError(f"search.metric = {self.search.metric!r} is not a metric that a trial's validation "
+                             f"reports; allowed: {', '.join(allowed)}")  # fmt: skip
+        out_len = self.windows.out_len
+        bad = [lead for lead in self.evaluate.example_leads or [] if not 1 <= lead <= out_len]
+        if bad:
+            raise ValueError(f"evaluate.example_leads = {self.evaluate.example_leads}: lead {bad[0]} is outside the "
+                             f"forecast; allowed: 1 .. windows.out_len ({out_len})")  # fmt: skip
+        return self
+
     def frame_size(self) -> int | None:
         """Frame side after downsampling, when it is known from params (synthetic: size; SEVIR: 384)."""
         raw = self.data.synthetic.size if self.data.source == "synthetic" else 384
@@ -449,6 +481,30 @@ class Config(Section):
                 "pick a divisor"
             )
         return raw // self.windows.downsample
+
+
+def val_metric_keys(cfg: Config) -> list[str]:
+    """What training validation logs each epoch (``pipeline.training.loop`` ``_validate``): losses, then
+    the scores of :class:`pipeline.scoring.ScoreAccumulator` at ``evaluate.thresholds`` / ``pool_sizes``."""
+    ev = cfg.evaluate
+    keys = ["val.loss", "val.mse", "val.mae", "val.csi_m", "val.hss_m"]
+    keys += [f"val.csi_pool{k}_m" for k in ev.pool_sizes]
+    keys += ["val.ssim"] if ev.ssim else []
+    keys += [f"val.csi.{t}" for t in ev.thresholds]
+    return keys
+
+
+def epoch_metric_keys(cfg: Config, phase: int) -> list[str]:
+    """The keys a ``best_key`` may name: validation's, then the epoch's training losses (``_train_epoch``)."""
+    train = ["train.loss", "train.l1", "train.mse"]
+    if phase == 1 and cfg.model.name == "datswinlstm_memory":  # two kinds of step: phase-1 (+ alignment)
+        train += ["train.loss_phase1"] + (["train.loss_align"] if cfg.train.phase1.align else [])
+    return val_metric_keys(cfg) + train
+
+
+def search_metric_keys(cfg: Config) -> list[str]:
+    """The keys ``search.metric`` may name: what every trial reports, whatever the space draws."""
+    return val_metric_keys(cfg) + ["train.loss", "train.l1", "train.mse"]
 
 
 def _format_loc(loc: tuple[Any, ...]) -> str:

@@ -12,14 +12,15 @@ See :mod:`pipeline.scoring` for the scores and :mod:`pipeline.scoring.reports` f
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import torch
+from mlflow.exceptions import MlflowException
 
 from pipeline import config as config_mod
 from pipeline.cli import run_stage, setup_logging, stage_parser
 from pipeline.errors import PipelineError
+from pipeline.outputs import OutputSet, check_writable, writing
 from pipeline.scoring import evaluation, reports
 from pipeline.scoring.forecasters import get_method, model_from_checkpoint
 from pipeline.scoring.mlflow_log import log_evaluation, log_model
@@ -54,6 +55,13 @@ def main(argv: list[str] | None = None) -> None:
     if not ckpt_path.is_file():
         raise PipelineError(f"{ckpt_path}: no phase-2 checkpoint; run train_phase2 first (dvc repro train_phase2)")
 
+    out = cfg.evaluate.reports_dir
+    # the stage's outputs, replaced as one set (metrics.json last: DVC's metrics appear with the rest)
+    outputs = OutputSet(out, ["per_lead", "plots", "summary.md", "metrics.json"], "evaluate", "evaluate.reports_dir")
+    with writing(out, "evaluate.reports_dir"):
+        outputs.recover()  # a set a killed run committed is finished before anything else
+    check_writable(out, "evaluate.reports_dir")
+
     ckpt = read_checkpoint(ckpt_path)
     windows_path = cfg.windows.root / f"{split}.h5"
     dataset = evaluation.open_windows(windows_path, ckpt["data"])
@@ -72,27 +80,30 @@ def main(argv: list[str] | None = None) -> None:
                                      num_workers=cfg.train.num_workers)  # fmt: skip
         if result.scores["model"]["mse"] is None:
             raise PipelineError(f"{ckpt_path}: the model forecasts NaN or inf on the {split} split; retrain (dvc repro train_phase2)")
-        out = cfg.evaluate.reports_dir
         doc = reports.metrics_document(result.scores, result.windows)
         tables = reports.per_lead_tables(result.scores, frame_minutes=minutes)
-        shutil.rmtree(out / "per_lead", ignore_errors=True)  # no CSV of a forecaster dropped since the last run
-        csvs = reports.write_per_lead_csvs(out / "per_lead", tables)
-        title = f"{split}, {result.windows} windows"
-        pngs = reports.plot_per_lead(out / "plots", tables, list(forecasters), title=title)
         examples = evaluation.forecast_examples(dataset, forecasters, result.examples, device=device)
         names = [f"{info['event_id']}\nframe {info['start']}" for info in map(dataset.info, result.examples)]
-        gallery = reports.plot_gallery(out / "plots" / "gallery.png", examples, cfg.evaluate.example_leads, names,
-                                       frame_minutes=minutes)  # fmt: skip
-        summary = out / "summary.md"
-        reports.write_atomic(summary, reports.summary_markdown(doc, split))
-        metrics_path = out / "metrics.json"
-        reports.write_metrics(metrics_path, doc)  # last: DVC's metrics appear only when everything else is there
-        log_evaluation(mlflow, doc, tables, split, files=[metrics_path, summary, *csvs, *pngs, *([gallery] if gallery else [])],
-                       reports_dir=out)  # fmt: skip
-        # the windows as dataset inputs, the phase-2 weights as the registered MLflow model of this run
-        digests = log_windows_inputs(mlflow, cfg.windows.root, ("train", "val", "test"))
-        log_model(mlflow, forecasters["model"].model, ckpt["model_config"], ckpt["data"], minutes, doc, split,
-                  digests.get(split))  # fmt: skip
+        leads = cfg.evaluate.gallery_leads(int(ckpt["data"]["out_len"]))
+        title = f"{split}, {result.windows} windows"
+        with outputs as staged:  # written beside reports, then moved into place together
+            csvs = reports.write_per_lead_csvs(staged / "per_lead", tables)
+            pngs = reports.plot_per_lead(staged / "plots", tables, list(forecasters), title=title)
+            gallery = reports.plot_gallery(staged / "plots" / "gallery.png", examples, leads, names,
+                                           frame_minutes=minutes)  # fmt: skip
+            reports.write_atomic(staged / "summary.md", reports.summary_markdown(doc, split))
+            reports.write_metrics(staged / "metrics.json", doc)
+        placed = [out / Path(p).relative_to(staged) for p in [*csvs, *pngs, *([gallery] if gallery else [])]]
+        metrics_path, summary = out / "metrics.json", out / "summary.md"
+        try:  # the reports are on disk: a tracking store that cannot take them costs a warning
+            log_evaluation(mlflow, doc, tables, split, files=[metrics_path, summary, *placed], reports_dir=out)
+            # the windows as dataset inputs, the phase-2 weights as the registered MLflow model of this run
+            digests = log_windows_inputs(mlflow, cfg.windows.root, ("train", "val", "test"))
+            log_model(mlflow, forecasters["model"].model, ckpt["model_config"], ckpt["data"], minutes, doc, split,
+                      digests.get(split))  # fmt: skip
+        except (OSError, MlflowException) as err:
+            log.warning("MLflow: could not log the evaluation (%s); the reports in %s are complete",
+                        (str(err).strip().splitlines() or [type(err).__name__])[0][:160], out)  # fmt: skip
     print(reports.summary_markdown(doc, split))
 
 

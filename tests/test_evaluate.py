@@ -170,7 +170,8 @@ def _stage_files(root: Path, evaluate: dict | None = None) -> Path:
         "windows": {"root": str(root / "windows"), "in_len": IN, "out_len": OUT},
         "model": TINY_MODEL,
         "train": {"checkpoint_dir": str(root / "artifacts"), "device": "cpu"},
-        "evaluate": {"reports_dir": str(root / "reports"), "batch_size": 4, "n_examples": 2, **(evaluate or {})},
+        "evaluate": {"reports_dir": str(root / "reports"), "batch_size": 4, "n_examples": 2, "example_leads": [1, 3],
+                     **(evaluate or {})},
     })  # fmt: skip
     path = root / "params.yaml"
     path.write_text(yaml.safe_dump(params, sort_keys=False))
