@@ -15,9 +15,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+from mlflow.exceptions import MlflowException
+
 from pipeline import config as config_mod
 from pipeline.cli import run_stage, setup_logging, stage_parser
 from pipeline.errors import PipelineError
+from pipeline.outputs import OutputSet, check_writable, writing
 from pipeline.tracking import flatten, stage_run
 from pipeline.tuning import study as study_mod
 from pipeline.tuning.objective import Phase1Objective, TrialTracker
@@ -48,6 +51,12 @@ def main(argv: list[str] | None = None) -> None:
     if overrides:
         cfg = apply_overrides(cfg, overrides, source="command line")
 
+    reports = None
+    if not args.worker:  # the report folder is checked (and a killed run's report set finished) before any trial
+        reports = OutputSet(args.out.parent, [args.out.name], args.out.name, "--out")
+        with writing(args.out.parent, "--out"):
+            reports.recover()
+        check_writable(args.out.parent, "--out")
     workdir = Path.cwd() / WORKDIR  # the stage's own outputs: in the workspace DVC runs it in (a queued
     # experiment runs in a temporary copy; DVC_ROOT, which tracking uses, points at the parent repo)
     journal = workdir / study_mod.DEFAULT_JOURNAL.name
@@ -60,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
         study = study_mod.create_or_load(cfg, storage, desc, name=name, create=False,
                                          worker_seed=study_mod.worker_seed(cfg.search))
         tracker = _tracker_for_worker(cfg, study)
-        with study_mod.quiet_optuna():
+        with study_mod.quiet_optuna(), writing(desc, "search.storage"):
             ran = study_mod.StudyRunner(study, cfg.search, Phase1Objective(cfg, workdir / "trials", tracker), lock).run()
         log.info("worker %s ran trials %s of study '%s'", study_mod.worker_id(), ran or "none", name)
         return
@@ -79,22 +88,36 @@ def main(argv: list[str] | None = None) -> None:
             tracker = TrialTracker(MlflowClient(), run.info.experiment_id, run.info.run_id, name)
         log.info("study '%s' in %s: %d trials stored, running to %d", name, desc, len(study.trials), cfg.search.n_trials)
         log.info("extra workers: python -m pipeline.search --worker%s", f" --storage '{cfg.search.storage}'" if cfg.search.storage else "")
-        with study_mod.quiet_optuna():
+        with study_mod.quiet_optuna(), writing(desc, "search.storage"):
             study_mod.StudyRunner(study, cfg.search, Phase1Objective(cfg, workdir / "trials", tracker), lock).run()
         out = args.out
-        info = write_reports(study, cfg.search.space, out, desc, cfg.search.metric)
+        with reports as staged:  # the whole folder replaced at once: the previous reports or these, never a mix
+            info = write_reports(study, cfg.search.space, staged / out.name, _portable(desc), cfg.search.metric)
         mlflow.log_metrics({f"trials.{k}": float(v) for k, v in info["trials"].items()})
         if info["best_value"] is not None:
             mlflow.log_metrics({"best_value": info["best_value"], "best_trial": float(info["best_trial"])})
             mlflow.log_params({f"best.{k}": str(v) for k, v in info["params"].items()})
             mlflow.set_tag("search.command", info["command"])
-            mlflow.log_artifacts(str(out), artifact_path="search")
+            try:
+                mlflow.log_artifacts(str(out), artifact_path="search")
+            except (OSError, MlflowException) as err:  # the reports are on disk: a warning
+                log.warning("MLflow: could not log the reports in %s (%s)", out,
+                            (str(err).strip().splitlines() or [type(err).__name__])[0][:160])  # fmt: skip
             print(f"best {cfg.search.metric} = {info['best_value']:.4f} (trial {info['best_trial']}); apply it with:")
             print(f"  {info['command']}")
         else:
             raise PipelineError(
                 f"search: no trial of study '{name}' completed ({info['trials']}); the reasons are in {out / 'trials.csv'}"
             )
+
+
+def _portable(desc: str) -> str:
+    """The storage as the committed report names it: a journal under the working directory relative to it, so
+    the file is the same in every clone (an RDB URL is already redacted)."""
+    path = Path(desc)
+    if path.is_absolute() and path.is_relative_to(Path.cwd()):
+        return path.relative_to(Path.cwd()).as_posix()
+    return desc
 
 
 def _tracker_for_worker(cfg: config_mod.Config, study) -> TrialTracker | None:

@@ -74,6 +74,38 @@ def test_default_space_covers_the_phase1_tuning_guide(repo_root):
     assert any(k.endswith("grad_accum") for k in keys)
 
 
+
+def test_default_space_draws_no_impossible_combination(repo_root):
+    # grad_accum > 1 with the memory model's align step is never drawn: it is fixed at 1 when align is drawn on
+    cfg = config.load(repo_root / "params.yaml")
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    seen = set()
+    for _ in range(60):
+        trial = study.ask()
+        values = space_mod.suggest(trial, cfg.search.space, cfg)
+        try:  # other checks (e.g. heads against embed_dim) may refuse a draw; never grad_accum with align
+            space_mod.apply_overrides(cfg, values)
+        except ConfigError as err:
+            assert "grad_accum" not in str(err), err
+        align, accum = values["train.phase1.align"], values["train.phase1.grad_accum"]
+        seen.add((align, accum > 1))
+        if align:
+            assert "train.phase1.grad_accum" not in trial.params
+            assert trial.user_attrs[space_mod.FIXED_ATTR] == {"train.phase1.grad_accum": 1}
+        study.tell(trial, 0.5)
+    assert {(True, False), (False, True)} <= seen and (True, True) not in seen
+    # the reports carry the value a trial did not draw, so its exp-run line is complete
+    best = study.trials[0]
+    assert report.summary(study, cfg.search.space, "x", "val.csi_m")["params"]["train.phase1.grad_accum"] == (
+        space_mod.decode(best.params, cfg.search.space, best.user_attrs.get(space_mod.FIXED_ATTR))["train.phase1.grad_accum"])
+
+
+def test_hand_written_grad_accum_with_align_is_still_one_line(write_params):
+    params = write_params({"train": {"phase1": {"grad_accum": 2, "align": True}}})
+    with pytest.raises(ConfigError) as err:
+        config.load(params)
+    assert "grad_accum" in str(err.value) and "align" in str(err.value) and "\n" not in str(err.value)
+
 @pytest.mark.parametrize(("entry", "says"), [
     ({"key": "model.embed_dimm", "type": "int", "low": 16, "high": 64}, "not a params.yaml key"),
     ({"key": "train.phase1.lr", "type": "logfloat", "low": 1e-2, "high": 1e-4}, "empty range"),
@@ -233,6 +265,42 @@ def test_reports_hold_best_params_trials_plots_and_the_exp_run_line(study_params
     for name in ("history.png", "importances.png", "parallel.png"):
         png = (tmp_path / "reports" / name).read_bytes()
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_search_plots_need_enough_trials_and_say_how_many(tmp_path):
+    space = [config.SearchParam(**entry) for entry in SPACE]
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed=1))
+    for i in range(7):
+        trial = study.ask()
+        space_mod.suggest(trial, space)
+        if i % 3 == 2:
+            trial.report(0.1 * i, 0)
+            study.tell(trial, state=TrialState.PRUNED)
+        else:
+            study.tell(trial, 0.1 * i)
+    captions = []
+    import matplotlib.figure
+
+    real = matplotlib.figure.Figure.suptitle
+    def spy(fig, text, **kw):
+        captions.append(text)
+        return real(fig, text, **kw)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(matplotlib.figure.Figure, "suptitle", spy)
+        report.plots(study, tmp_path, "val.csi_m", space)
+    assert any("importances from 5 completed trials" in c for c in captions), captions
+    assert any("parallel coordinates (7 trials with a value)" in c for c in captions), captions
+    few = optuna.create_study(direction="maximize")
+    for i in range(3):
+        trial = few.ask()
+        space_mod.suggest(trial, space)
+        few.tell(trial, 0.1 * i)
+    captions.clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(matplotlib.figure.Figure, "suptitle", spy)
+        report.plots(few, tmp_path, "val.csi_m", space)
+    assert any("importances" in c for c in captions)
+    assert not any("importances from" in c for c in captions), captions  # a placeholder, not a plot of 3 trials
 
 
 def test_missing_driver_for_tracking_uri_is_one_line(monkeypatch):

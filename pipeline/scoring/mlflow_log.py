@@ -1,7 +1,7 @@
 """Evaluation results into MLflow: everything in the nested ``evaluate`` run, the headline in the parent.
 
-The nested run gets every number of metrics.json as a metric (``model.csi_m``, ``model.csi.16``,
-``model_vs_baselines.persistence.csi_m_ratio``, ...), the per-lead curves as stepped metrics
+The nested run gets every number of scores.json as a metric (``model.csi_m``, ``model.csi.16``,
+``model_vs_persistence.csi_m_ratio``, ...), the per-lead curves as stepped metrics
 (``model.lead.csi_m`` at step = lead time in minutes, the tables' ``lead_min``: 10, 20, ... for
 10-minute frames) and the report files as artifacts. The
 pipeline's parent run gets the headline numbers (``<forecaster>.csi_m``, ``.hss_m``, ``.mse``,
@@ -17,11 +17,12 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.scoring.reports import VS_PREFIX, comparisons
 from pipeline.tracking import numeric_metrics
 
 log = logging.getLogger("pipeline.scoring.mlflow_log")
 
-HEADLINE_KEYS = ("csi_m", "hss_m", "mse", "ssim")
+HEADLINE_KEYS = ("csi_m", "hss_m", "csi_pool16_m", "mse", "ssim")
 
 
 def headline_metrics(doc: dict[str, Any], split: str = "test") -> dict[str, float]:
@@ -37,9 +38,9 @@ def headline_metrics(doc: dict[str, Any], split: str = "test") -> dict[str, floa
         for thr, value in block["csi"].items():
             if value is not None:
                 out[f"{prefix}{name}.csi.{thr}"] = float(value)
-    for base, gaps in doc.get("model_vs_baselines", {}).items():
+    for base, gaps in comparisons(doc).items():
         if gaps.get("csi_m_ratio") is not None:
-            out[f"{prefix}model_vs_{base}.csi_m_ratio"] = float(gaps["csi_m_ratio"])
+            out[f"{prefix}{VS_PREFIX}{base}.csi_m_ratio"] = float(gaps["csi_m_ratio"])
     return out
 
 

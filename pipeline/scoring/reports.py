@@ -1,9 +1,15 @@
-"""What evaluation writes: metrics.json (DVC metrics), per-lead CSVs (DVC plots), PNGs, a summary.
+"""What evaluation writes: metrics.json (DVC metrics), scores.json, per-lead CSVs (DVC plots), PNGs, a summary.
 
 Layout under the reports directory::
 
-    metrics.json              {"model": {...}, "persistence": {...}, "optical_flow": {...},
-                               "windows": N, "model_vs_baselines": {"persistence": {...}, ...}}
+    metrics.json              the headline (DVC metrics, what `dvc exp show` compares):
+                              {"model": {"csi_m", "hss_m", "csi_pool16_m", "mse", "ssim"},
+                               "persistence": {...}, "optical_flow": {...},
+                               "model_vs_persistence": {"csi_m_ratio"}, "model_vs_optical_flow": {...}}
+    scores.json               every score (a plain report, not DVC metrics): per forecaster the
+                              aggregates and per-threshold dicts (csi, pod, sucr, far, bias, hss,
+                              csi_pool4, csi_pool16), "windows", and "model_vs_<baseline>" with the
+                              model's differences (<key>_diff) and csi_m_ratio
     per_lead/csi_m.csv        lead_min, model, persistence, optical_flow   (one row per lead time)
     per_lead/mse.csv          the same for MSE (0-1 scale)
     per_lead/csi_<T>.csv      the same for CSI at threshold T, one file per threshold
@@ -34,6 +40,8 @@ import numpy as np
 
 FRAME_MINUTES = 5  # SEVIR frames are 5 minutes apart: the default interval (windows.frame_step 1)
 GAP_KEYS = ("csi_m", "hss_m", "csi_pool4_m", "csi_pool16_m", "mse", "mae", "ssim")
+HEADLINE_KEYS = ("csi_m", "hss_m", "csi_pool16_m", "mse", "ssim")  # per forecaster in metrics.json
+VS_PREFIX = "model_vs_"  # model_vs_<baseline>: the model's gaps to that baseline (one key, everywhere)
 
 # The SEVIR VIL colour map (MIT-AI-Accelerator/neurips-2020-sevir display code): bins on the 0-255 scale.
 VIL_COLORS = [
@@ -87,18 +95,38 @@ def model_gaps(model: dict[str, Any], baseline: dict[str, Any]) -> dict[str, flo
 
 
 def metrics_document(scores: dict[str, dict[str, Any]], windows: int) -> dict[str, Any]:
-    """The whole metrics.json: a block per forecaster, ``windows``, and the model's gaps to each baseline."""
+    """Every score (scores.json): a block per forecaster, ``windows``, and ``model_vs_<baseline>``, the
+    model's gaps to each baseline."""
     doc: dict[str, Any] = {name: metrics_block(s) for name, s in scores.items()}
     doc["windows"] = windows
     if "model" in scores:
-        doc["model_vs_baselines"] = {
-            name: model_gaps(scores["model"], s) for name, s in scores.items() if name != "model"
-        }
+        for name, s in scores.items():
+            if name != "model":
+                doc[f"{VS_PREFIX}{name}"] = model_gaps(scores["model"], s)
     return doc
 
 
+def forecaster_names(doc: dict[str, Any]) -> list[str]:
+    """The forecasters of a scores or headline document, in order (model first)."""
+    return [k for k, v in doc.items() if isinstance(v, dict) and "csi_m" in v and not k.startswith(VS_PREFIX)]
+
+
+def comparisons(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{baseline: gaps}`` from the ``model_vs_<baseline>`` blocks of a document."""
+    return {k[len(VS_PREFIX) :]: v for k, v in doc.items() if k.startswith(VS_PREFIX) and isinstance(v, dict)}
+
+
+def headline_document(doc: dict[str, Any]) -> dict[str, Any]:
+    """metrics.json, the DVC metrics: per forecaster :data:`HEADLINE_KEYS`, and the model's CSI-M ratio to
+    each baseline, so ``dvc exp show`` has a few columns to compare (the detail is in scores.json)."""
+    out: dict[str, Any] = {name: {k: doc[name].get(k) for k in HEADLINE_KEYS} for name in forecaster_names(doc)}
+    for base, gaps in comparisons(doc).items():
+        out[f"{VS_PREFIX}{base}"] = {"csi_m_ratio": gaps.get("csi_m_ratio")}
+    return out
+
+
 def write_metrics(path: Path, doc: dict[str, Any]) -> None:
-    """metrics.json with ``null`` for undefined scores (NaN would be invalid JSON for DVC)."""
+    """metrics.json or scores.json with ``null`` for undefined scores (NaN would be invalid JSON for DVC)."""
     write_atomic(path, json.dumps(doc, indent=2, allow_nan=False) + "\n")
 
 
@@ -297,7 +325,7 @@ def _cell(value: float | None, scale: float = 1.0, digits: int = 3) -> str:
 
 def summary_markdown(doc: dict[str, Any], split: str) -> str:
     """A table of the headline scores (MSE also as x 10^-3, as papers report it) and the model's gaps."""
-    names = [k for k, v in doc.items() if isinstance(v, dict) and "csi_m" in v]
+    names = forecaster_names(doc)
     thresholds = list(doc[names[0]]["csi"])
     head = ["forecaster", "CSI-M", "HSS-M", "CSI-pool4-M", "CSI-pool16-M", "MSE x10^-3", "MAE", "SSIM"]
     head += [f"CSI {t}" for t in thresholds]
@@ -309,7 +337,7 @@ def summary_markdown(doc: dict[str, Any], split: str) -> str:
                  _cell(b["mse"], 1e3), _cell(b["mae"], 1, 4), _cell(b.get("ssim"))]  # fmt: skip
         cells += [_cell(b["csi"][t]) for t in thresholds]
         lines.append("| " + " | ".join(cells) + " |")
-    for base, gaps in doc.get("model_vs_baselines", {}).items():
+    for base, gaps in comparisons(doc).items():
         ratio = gaps.get("csi_m_ratio")
         diff = gaps.get("csi_m_diff")
         lines += ["", f"Model vs {base}: CSI-M {_signed(diff)} ({'n/a' if ratio is None else f'{ratio:.2f}x'}), "

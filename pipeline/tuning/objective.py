@@ -117,7 +117,7 @@ class Phase1Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         search = self.base.search
-        overrides = suggest(trial, search.space)
+        overrides = suggest(trial, search.space, self.base)
         run_id = self.tracker.start(trial, overrides) if self.tracker else None
         out_dir = self.trials_dir / f"trial-{trial.number:04d}"
         seen: list[float] = []

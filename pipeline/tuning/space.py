@@ -4,6 +4,13 @@ Each entry names a dotted params key. Optuna parameter names are those keys, so 
 trial's params read like params.yaml and map one to one onto ``dvc exp run -S``.
 Categorical choices that are lists (``model.depths_down: [2, 4]``) are stored in
 Optuna as their JSON text and decoded back when applied.
+
+Sampling is conditional (define-by-run), so the sampler never draws a combination the
+config check would refuse: phase-1 gradient accumulation cannot be combined with the memory
+model's alignment step, so ``train.phase1.grad_accum`` is drawn only when the trial's
+``train.phase1.align`` (drawn or fixed) is off or the model has no memory; otherwise it is
+fixed at 1 (recorded in the trial's ``not_drawn`` user attribute). Hand-written params
+with both still get the config check's one-line refusal.
 """
 
 from __future__ import annotations
@@ -55,10 +62,48 @@ def describe_change(stored: str, current: str) -> str:
     return ", ".join(parts) or "order"
 
 
-def suggest(trial: optuna.Trial, space: Sequence[SearchParam]) -> dict[str, Any]:
-    """Ask the trial for one value per entry; returns ``{dotted key: value}`` (lists decoded)."""
+FIXED_ATTR = "not_drawn"  # user attr: {key: value} a trial did not draw because its other draws rule it out
+MEMORY_MODEL = "datswinlstm_memory"
+ACCUM_KEY, ALIGN_KEY, NAME_KEY = "train.phase1.grad_accum", "train.phase1.align", "model.name"
+
+
+def _base_value(base: Config | None, key: str, default: Any) -> Any:
+    node: Any = base
+    for part in key.split("."):
+        if node is None:
+            return default
+        node = getattr(node, part, None)
+    return default if node is None else node
+
+
+def fixed_by_others(key: str, drawn: Mapping[str, Any], base: Config | None) -> tuple[bool, Any]:
+    """Whether ``key`` is ruled out by what the trial drew so far (``drawn``) and the fixed params
+    (``base``), and the only value it may take then."""
+    if key == ACCUM_KEY:
+        name = drawn.get(NAME_KEY, _base_value(base, NAME_KEY, MEMORY_MODEL))
+        align = drawn.get(ALIGN_KEY, _base_value(base, ALIGN_KEY, True))
+        if name == MEMORY_MODEL and align:
+            return True, 1
+    return False, None
+
+
+def _sample_order(space: Sequence[SearchParam]) -> list[SearchParam]:
+    """The entries in the order they are drawn: the conditioned ones after those they depend on."""
+    conditioned = {ACCUM_KEY}
+    return [p for p in space if p.key not in conditioned] + [p for p in space if p.key in conditioned]
+
+
+def suggest(trial: optuna.Trial, space: Sequence[SearchParam], base: Config | None = None) -> dict[str, Any]:
+    """Ask the trial for one value per entry; returns ``{dotted key: value}`` (lists decoded), in the
+    space's order. An entry ruled out by the other draws (:func:`fixed_by_others`, given the fixed params
+    ``base``) is not drawn: it takes its only possible value, recorded in the trial's ``not_drawn`` attribute."""
     out: dict[str, Any] = {}
-    for param in space:
+    fixed: dict[str, Any] = {}
+    for param in _sample_order(space):
+        ruled_out, value = fixed_by_others(param.key, out, base)
+        if ruled_out:
+            out[param.key] = fixed[param.key] = value
+            continue
         if param.type == "categorical":
             value = trial.suggest_categorical(param.key, [_encode(c) for c in param.choices or []])
             out[param.key] = json.loads(value) if _is_encoded(param) else value
@@ -68,13 +113,20 @@ def suggest(trial: optuna.Trial, space: Sequence[SearchParam]) -> dict[str, Any]
             out[param.key] = trial.suggest_float(
                 param.key, float(param.low), float(param.high), step=param.step, log=param.type == "logfloat"  # type: ignore[arg-type]
             )
-    return out
+    if fixed:
+        trial.set_user_attr(FIXED_ATTR, fixed)
+    return {p.key: out[p.key] for p in space}
 
 
-def decode(params: Mapping[str, Any], space: Sequence[SearchParam]) -> dict[str, Any]:
-    """A stored trial's params (Optuna form) -> params.yaml values."""
+def decode(params: Mapping[str, Any], space: Sequence[SearchParam],
+           fixed: Mapping[str, Any] | None = None) -> dict[str, Any]:  # fmt: skip
+    """A stored trial's params (Optuna form) -> params.yaml values, in the space's order; ``fixed`` (the
+    trial's ``not_drawn`` attribute) adds the values it did not draw."""
     encoded = {p.key for p in space if _is_encoded(p)}
-    return {k: json.loads(v) if k in encoded and isinstance(v, str) else v for k, v in params.items()}
+    values = {k: json.loads(v) if k in encoded and isinstance(v, str) else v for k, v in params.items()}
+    values.update(fixed or {})
+    order = [p.key for p in space]
+    return dict(sorted(values.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
 
 
 def apply_overrides(cfg: Config, overrides: Mapping[str, Any], source: str = "search trial") -> Config:
