@@ -3,7 +3,8 @@
     python -m pipeline.evaluate [--params params.yaml] [--split val|test] [--checkpoint PATH]
 
 Reads ``<train.checkpoint_dir>/phase2/best.pt`` and ``<windows.root>/<split>.h5``; writes
-``<evaluate.reports_dir>/``: metrics.json (DVC metrics), per_lead/*.csv (DVC plots),
+``<evaluate.reports_dir>/``: metrics.json (the headline, DVC metrics), scores.json (every score),
+per_lead/*.csv (DVC plots),
 plots/*.png (per-lead curves, forecast gallery) and summary.md; logs everything to a nested
 MLflow ``evaluate`` run and the headline numbers to the pipeline's parent run.
 See :mod:`pipeline.scoring` for the scores and :mod:`pipeline.scoring.reports` for the files.
@@ -25,7 +26,7 @@ from pipeline.scoring import evaluation, reports
 from pipeline.scoring.forecasters import get_method, model_from_checkpoint
 from pipeline.scoring.mlflow_log import log_evaluation, log_model
 from pipeline.tracking import log_windows_inputs, stage_run
-from pipeline.training.checkpoint import read_checkpoint
+from pipeline.training.checkpoint import check_phase, read_checkpoint
 from pipeline.training.loop import cpu_threads
 
 log = logging.getLogger("pipeline.evaluate")
@@ -57,11 +58,13 @@ def main(argv: list[str] | None = None) -> None:
 
     out = cfg.evaluate.reports_dir
     # the stage's outputs, replaced as one set (metrics.json last: DVC's metrics appear with the rest)
-    outputs = OutputSet(out, ["per_lead", "plots", "summary.md", "metrics.json"], "evaluate", "evaluate.reports_dir")
+    outputs = OutputSet(out, ["per_lead", "plots", "summary.md", "scores.json", "metrics.json"], "evaluate", "evaluate.reports_dir")
     with writing(out, "evaluate.reports_dir"):
         outputs.recover()  # a set a killed run committed is finished before anything else
     check_writable(out, "evaluate.reports_dir")
 
+    if args.checkpoint is None:  # the stage scores phase 2; another phase's file there is a mistake
+        check_phase(ckpt_path, 2, "rerun train_phase2 (dvc repro train_phase2), or pass --checkpoint to score it")
     ckpt = read_checkpoint(ckpt_path)
     windows_path = cfg.windows.root / f"{split}.h5"
     dataset = evaluation.open_windows(windows_path, ckpt["data"])
@@ -92,11 +95,12 @@ def main(argv: list[str] | None = None) -> None:
             gallery = reports.plot_gallery(staged / "plots" / "gallery.png", examples, leads, names,
                                            frame_minutes=minutes)  # fmt: skip
             reports.write_atomic(staged / "summary.md", reports.summary_markdown(doc, split))
-            reports.write_metrics(staged / "metrics.json", doc)
+            reports.write_metrics(staged / "scores.json", doc)  # every score: a plain report
+            reports.write_metrics(staged / "metrics.json", reports.headline_document(doc))  # the DVC metrics
         placed = [out / Path(p).relative_to(staged) for p in [*csvs, *pngs, *([gallery] if gallery else [])]]
-        metrics_path, summary = out / "metrics.json", out / "summary.md"
+        metrics_path, scores_path, summary = out / "metrics.json", out / "scores.json", out / "summary.md"
         try:  # the reports are on disk: a tracking store that cannot take them costs a warning
-            log_evaluation(mlflow, doc, tables, split, files=[metrics_path, summary, *placed], reports_dir=out)
+            log_evaluation(mlflow, doc, tables, split, files=[metrics_path, scores_path, summary, *placed], reports_dir=out)
             # the windows as dataset inputs, the phase-2 weights as the registered MLflow model of this run
             digests = log_windows_inputs(mlflow, cfg.windows.root, ("train", "val", "test"))
             log_model(mlflow, forecasters["model"].model, ckpt["model_config"], ckpt["data"], minutes, doc, split,

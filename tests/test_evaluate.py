@@ -204,8 +204,8 @@ def _run(params: Path, *extra: str) -> int:
     return run_stage(main, ["--params", str(params), *extra])
 
 
-def test_stage_writes_metrics_keyed_by_forecaster_with_the_issue_key_names(evaluated):
-    doc = json.loads((evaluated / "reports" / "metrics.json").read_text())
+def test_stage_writes_scores_keyed_by_forecaster_and_a_headline_metrics_file(evaluated):
+    doc = json.loads((evaluated / "reports" / "scores.json").read_text())
     assert doc["windows"] == 6
     for name in ("model", "persistence", "optical_flow"):
         block = doc[name]
@@ -214,9 +214,16 @@ def test_stage_writes_metrics_keyed_by_forecaster_with_the_issue_key_names(evalu
         for key in ("csi", "pod", "sucr", "far", "bias", "hss", "csi_pool4", "csi_pool16"):
             assert list(block[key]) == ["16", "74", "133", "160", "181", "219"], (name, key)
         assert "per_lead" not in block
-    gaps = doc["model_vs_baselines"]
-    assert set(gaps) == {"persistence", "optical_flow"}
-    assert gaps["persistence"]["csi_m_diff"] == pytest.approx(doc["model"]["csi_m"] - doc["persistence"]["csi_m"])
+    assert {k for k in doc if k.startswith("model_vs_")} == {"model_vs_persistence", "model_vs_optical_flow"}
+    gaps = doc["model_vs_persistence"]
+    assert gaps["csi_m_diff"] == pytest.approx(doc["model"]["csi_m"] - doc["persistence"]["csi_m"])
+    # the DVC metrics: a few headline numbers per forecaster and the ratios, nothing per threshold
+    head = json.loads((evaluated / "reports" / "metrics.json").read_text())
+    assert set(head) == {"model", "persistence", "optical_flow", "model_vs_persistence", "model_vs_optical_flow"}
+    for name in ("model", "persistence", "optical_flow"):
+        assert set(head[name]) == {"csi_m", "hss_m", "csi_pool16_m", "mse", "ssim"}
+        assert head[name]["csi_m"] == doc[name]["csi_m"]
+    assert head["model_vs_persistence"] == {"csi_m_ratio": gaps["csi_m_ratio"]}
 
 
 def test_stage_writes_per_lead_csvs_pngs_and_a_summary(evaluated):
@@ -240,22 +247,25 @@ def test_stage_logs_a_nested_evaluate_run_and_headline_numbers_on_the_parent(eva
     exp = client.get_experiment_by_name("sevir-nowcasting")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`pipeline.stage` = 'evaluate'")
     run = next(r for r in runs if r.data.params.get("evaluate.reports_dir") == str(evaluated / "reports"))
-    assert {"model.csi_m", "persistence.csi_m", "optical_flow.csi_m", "model.csi.74", "windows"} <= set(run.data.metrics)
+    assert {"model.csi_m", "persistence.csi_m", "optical_flow.csi_m", "model.csi.74", "windows",
+            "model_vs_persistence.csi_m_ratio"} <= set(run.data.metrics)
+    assert not any(k.startswith("model_vs_baselines") for k in run.data.metrics)
     history = client.get_metric_history(run.info.run_id, "model.lead.csi_m")
     assert sorted(m.step for m in history) == [5, 10, 15]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
-    assert {"metrics.json", "summary.md", "plots", "per_lead"} <= artifacts
+    assert {"metrics.json", "scores.json", "summary.md", "plots", "per_lead"} <= artifacts
     parent = mlflow.get_parent_run(run.info.run_id)
-    for key in ("model.csi_m", "persistence.csi_m", "optical_flow.csi_m", "model.csi.16", "model.mse", "model.ssim"):
+    for key in ("model.csi_m", "persistence.csi_m", "optical_flow.csi_m", "model.csi.16", "model.mse", "model.ssim",
+                "model_vs_persistence.csi_m_ratio"):
         assert key in parent.data.metrics, key
 
 
 def test_split_val_and_max_batches_pick_what_is_scored(tmp_path):
     params = _stage_files(tmp_path, {"batch_size": 2, "max_batches": 1, "baselines": ["persistence"]})
     assert _run(params, "--split", "val") == 0
-    doc = json.loads((tmp_path / "reports" / "metrics.json").read_text())
+    doc = json.loads((tmp_path / "reports" / "scores.json").read_text())
     assert doc["windows"] == 2  # one batch of 2 of the 3 val windows
-    assert set(doc) == {"model", "persistence", "windows", "model_vs_baselines"}
+    assert set(doc) == {"model", "persistence", "windows", "model_vs_persistence"}
 
 
 def test_stage_without_a_checkpoint_says_run_train_phase2(stage_params, tmp_path, capsys):
