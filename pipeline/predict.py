@@ -324,5 +324,10 @@ def main(argv: list[str] | None = None) -> None:
     log.info("predict: %d x %d-minute leads from %s -> %s, %s, %s", out_len, minutes, source, out, png, gif)
 
 
+def cli() -> int:
+    """The ``sevir-predict`` console script (``pip install .``): the same as ``python -m pipeline.predict``."""
+    return run_stage(main)
+
+
 if __name__ == "__main__":
-    raise SystemExit(run_stage(main))
+    raise SystemExit(cli())
