@@ -1,4 +1,4 @@
-"""Every model.* architecture option (issue 9): zero-dominant gradients, phase semantics, learning, errors.
+"""Every model.* architecture option: zero-dominant gradients, phase semantics, learning, errors.
 
 Tiny configs on 64 x 64 frames (the frame rule: patch 4 x window 2 x 2^2 stages = 32), so the whole
 file runs in about a minute on one core.

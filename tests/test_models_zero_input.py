@@ -1,4 +1,4 @@
-"""Zero-dominant VIL: finite, bounded gradients and a falling loss (issue 6's training blocker).
+"""Zero-dominant VIL: finite, bounded gradients and a falling loss (once a training blocker: the gradient norm was inf).
 
 Real radar frames, and the embedded sample's, are mostly exact zeros. Uniform random frames (the
 other model tests) hid that an all-zero patch once made an exactly zero token that every LayerNorm
@@ -65,7 +65,7 @@ def loss_and_grad_norm(model: torch.nn.Module, clips: torch.Tensor, phase: int) 
 
 @pytest.mark.parametrize(("name", "phase"), CASES)
 def test_single_all_zero_frame_gives_a_finite_bounded_gradient(name: str, phase: int) -> None:
-    """The issue's smallest failing case: T_in = 1, all zeros (the gradient norm was inf)."""
+    """The smallest case that once failed: T_in = 1, all zeros (the gradient norm was inf)."""
     model = build(name)
     x = torch.zeros(1, 1, 1, SIDE, SIDE)
     pred = model(x, 2, memory_x=torch.zeros(1, 3, 1, SIDE, SIDE), phase=phase)
