@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_mod.load(args.params)
     journal = project_root() / study_mod.DEFAULT_JOURNAL
     if not cfg.search.storage and not journal.exists():
-        raise PipelineError(f"search.storage: no study yet ({journal} does not exist); run `dvc repro search` first")
+        raise PipelineError(f"search.storage: no study yet ({journal} does not exist); run `dvc repro search/dvc.yaml` (make search) first")
     storage = study_mod.open_storage(cfg.search, journal)
     from optuna_dashboard import run_server
 

@@ -108,7 +108,7 @@ def check_store_url(uri: str, key: str, *, connect_timeout_s: float = 5.0) -> No
         except (urllib.error.URLError, OSError) as err:
             reason = getattr(err, "reason", err)
             raise PipelineError(
-                f"{key} = {shown}: MLflow server not reachable ({reason}); start it (see README, 'Team set-up') or fix {key}"
+                f"{key} = {shown}: MLflow server not reachable ({reason}); start it (see docs/team.md) or fix {key}"
             ) from None
         return
     if scheme in ("databricks", "databricks-uc", "uc"):

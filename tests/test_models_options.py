@@ -314,7 +314,7 @@ def test_residual_learns_a_fixed_clip(name: str, overrides: dict) -> None:
     only recover from the first steps' jolt (every output weight starts moving at once and spreads a
     change over the dry frame; measured: 1.1-2x persistence after step 1) and stay above persistence
     on this toy clip, so for them the test asserts steady learning: the final loss is well below the
-    loss after the first step. (On the real sample they do beat persistence: README, Evaluation.)
+    loss after the first step. (On the real sample they do beat persistence: README, Results.)
     """
     model = build(name, overrides)
     clips = moving_clip()

@@ -152,7 +152,7 @@ def create_or_load(
             held = ", ".join(_existing_names(storage)) or "no studies"
             raise ConfigError(
                 f"search.study_name: study '{name}' not found in {storage_desc} (it holds: {held}); "
-                "start it with `dvc repro search` (or `python -m pipeline.search`) first, or pass --study with one of those names"
+                "start it with `dvc repro search/dvc.yaml` (or `python -m pipeline.search`) first, or pass --study with one of those names"
             )
         study = optuna.load_study(study_name=name, storage=storage, sampler=sampler, pruner=pruner)
     else:
