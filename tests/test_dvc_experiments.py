@@ -106,7 +106,7 @@ def test_exp_run_reruns_only_dependent_stages_and_is_its_own_parent_run(project:
     out = _run([str(BIN / "dvc"), "exp", "run", "-n", "drop-more", "-S", "train.phase2.lr=0.00021"], project)
     for skipped in ("fetch", "chunk", "train_phase1"):
         assert f"Stage '{skipped}' didn't change, skipping" in out, out
-    assert "search" not in out  # an experiment never runs, nor even checks, the study
+    assert "Stage 'search" not in out and "search/dvc.yaml" not in out  # an experiment never runs, nor checks, the study
     assert "Running stage 'train_phase2'" in out
     runs = _parents(project)
     assert runs["drop-more"].data.params["train.phase2.lr"] == "0.00021"
