@@ -130,7 +130,9 @@ def render(rows: Sequence[dict[str, Any]], width: int = 120, all_params: bool = 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--width", type=int, default=None, help="columns (default: the terminal's, at most 120 if unknown)")
+    parser.add_argument(
+        "--width", type=int, default=None, help="columns (default: the terminal's, at most 120 if unknown)"
+    )
     parser.add_argument("--all-params", action="store_true", help="every changed param, however wide")
     parser.add_argument("--sort", default="model.csi_m", help="metric to sort experiments by (descending)")
     parser.add_argument("--json", type=Path, help="read this `dvc exp show --json` output instead of running dvc")

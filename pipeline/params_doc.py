@@ -44,7 +44,7 @@ a stage with one line naming the key. Override any key in an experiment with
 # What the schema's source does not say beside these fields (class name, field). Better moved into the schema
 # as Field(description=...), which this generator reads first.
 NOTES: dict[tuple[str, str], str] = {
-    ("DataConfig", "source"): "where the SEVIR events come from: the embedded generator, the public bucket, a local copy",
+    ("DataConfig", "source"): "where the SEVIR events come from: the embedded sample, the public bucket, a local copy",
     ("DataConfig", "seed"): "seed of the synthetic sample",
     ("SyntheticSource", "n_events"): "events generated",
     ("SyntheticSource", "events_per_file"): "events per SEVIR_VIL_*.h5 file",

@@ -8,28 +8,50 @@ from pipeline import exp_show
 
 
 def _rev(rev: str, name: str | None, params: dict, csi_m: float) -> dict:
-    metrics = {"model": {"csi_m": csi_m, "mse": 0.0233, "ssim": 0.36}, "persistence": {"csi_m": 0.2766},
-               "optical_flow": {"csi_m": 0.458}, "model_vs_persistence": {"csi_m_ratio": csi_m / 0.2766},
-               "model_vs_optical_flow": {"csi_m_ratio": csi_m / 0.458}}
-    base = {"model": {"name": "datswinlstm_memory", "embed_dim": 32, "depths_down": [2, 2]},
-            "train": {"phase1": {"lr": 0.001}}, "evaluate": {"thresholds": [16, 74, 133, 160, 181, 219]}}
+    metrics = {
+        "model": {"csi_m": csi_m, "mse": 0.0233, "ssim": 0.36},
+        "persistence": {"csi_m": 0.2766},
+        "optical_flow": {"csi_m": 0.458},
+        "model_vs_persistence": {"csi_m_ratio": csi_m / 0.2766},
+        "model_vs_optical_flow": {"csi_m_ratio": csi_m / 0.458},
+    }
+    base = {
+        "model": {"name": "datswinlstm_memory", "embed_dim": 32, "depths_down": [2, 2]},
+        "train": {"phase1": {"lr": 0.001}},
+        "evaluate": {"thresholds": [16, 74, 133, 160, 181, 219]},
+    }
     for key, value in params.items():
         node = base
         *parents, leaf = key.split(".")
         for part in parents:
             node = node[part]
         node[leaf] = value
-    return {"rev": rev, "name": name, "data": {"params": {"params.yaml": {"data": base}},
-                                               "metrics": {"reports/metrics.json": {"data": metrics}}}}
+    return {
+        "rev": rev,
+        "name": name,
+        "data": {"params": {"params.yaml": {"data": base}}, "metrics": {"reports/metrics.json": {"data": metrics}}},
+    }
 
 
 DOC = [
     {**_rev("workspace", None, {}, 0.2797), "experiments": None},
-    {**_rev("0123456789abcdef", "main", {}, 0.2797), "experiments": [
-        {"name": "wide", "revs": [_rev("a1b2c3d4e5f6", "wide", {"model.embed_dim": 64}, 0.31)]},
-        {"name": "deeper-and-slower", "revs": [_rev("f6e5d4c3b2a1", "deeper-and-slower",
-                                                     {"model.depths_down": [1, 3], "train.phase1.lr": 0.0003}, 0.25)]},
-    ]},
+    {
+        **_rev("0123456789abcdef", "main", {}, 0.2797),
+        "experiments": [
+            {"name": "wide", "revs": [_rev("a1b2c3d4e5f6", "wide", {"model.embed_dim": 64}, 0.31)]},
+            {
+                "name": "deeper-and-slower",
+                "revs": [
+                    _rev(
+                        "f6e5d4c3b2a1",
+                        "deeper-and-slower",
+                        {"model.depths_down": [1, 3], "train.phase1.lr": 0.0003},
+                        0.25,
+                    )
+                ],
+            },
+        ],
+    },
 ]
 
 

@@ -38,7 +38,9 @@ def test_dependencies_are_pinned_in_the_lock_runtime_apart_from_dev():
     runtime, dev = _lock_parts()
     assert runtime and dev and not runtime & dev
     for req in map(Requirement, project["dependencies"]):
-        assert canonicalize_name(req.name) in runtime, f"{req.name}: a runtime dependency not in the lock's runtime part"
+        assert canonicalize_name(req.name) in runtime, (
+            f"{req.name}: a runtime dependency not in the lock's runtime part"
+        )
     for req in map(Requirement, project["optional-dependencies"]["dev"]):
         assert canonicalize_name(req.name) in dev | runtime, f"{req.name}: not pinned in the lock"
     assert {"pytest", "ruff", "moto"} <= dev and not {"pytest", "ruff", "moto"} & runtime

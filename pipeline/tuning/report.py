@@ -214,7 +214,7 @@ def _parallel(study: optuna.Study, space: Sequence[SearchParam], metric: str) ->
         for y, label in zip(ticks, labels, strict=True):
             ax.text(c + 0.04, y, label[:12], fontsize=7, va="center", color="0.15",
                     bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.7, "pad": 0.5})  # fmt: skip
-    for i, t in enumerate(trials):
+    for i in range(len(trials)):
         xs = [c for c in range(len(columns)) if i in positions[c]]
         ys = [positions[c][i] for c in xs]
         if i in done:
