@@ -39,7 +39,7 @@ def main() -> None:
     study = study_mod.create_or_load(cfg, storage, desc, create=not args.join, worker_seed=study_mod.worker_seed(cfg.search))
 
     def objective(trial):
-        values = suggest(trial, cfg.search.space)
+        values = suggest(trial, cfg.search.space, cfg)
         apply_overrides(cfg, values)  # the same validation a real trial config gets
         lr = values["train.phase1.lr"]
         for epoch in range(2):
