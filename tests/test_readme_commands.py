@@ -54,3 +54,22 @@ def test_readme_is_a_front_door():
     assert "make repro" in text and "make test" in text
     heads = re.findall(r"^## (\d)\. ", text, re.M)
     assert heads == [str(i) for i in range(1, 10)], heads
+
+
+def test_make_clean_never_deletes_a_committed_file():
+    import fnmatch
+    import subprocess
+
+    text = (REPO / "Makefile").read_text()
+    recipe = text.split("\nclean:", 1)[1].split("\n\n", 1)[0]
+    targets = [
+        word
+        for line in recipe.splitlines()
+        if "rm " in line
+        for word in line.split()
+        if not word.startswith(("rm", "-"))
+    ]
+    tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
+    for target in targets:
+        hit = [f for f in tracked if fnmatch.fnmatch(f, target) or f.startswith(target.rstrip("/") + "/")]
+        assert not hit, f"make clean removes {target}, which holds committed files: {hit[:3]}"
