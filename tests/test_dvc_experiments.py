@@ -60,7 +60,7 @@ TINY = {
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
-    dest = copy_project(tmp_path_factory.mktemp("exp-project"), skip=("reports/", "dvc.lock"))
+    dest = copy_project(tmp_path_factory.mktemp("exp-project"), skip=("reports/", "dvc.lock", "search/dvc.lock"))
     params = yaml.safe_load((dest / "params.yaml").read_text())
     params = merge(params, TINY)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
