@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.outputs import is_write_error, output_error
 
 log = logging.getLogger("pipeline")
 
@@ -37,11 +38,17 @@ def stage_parser(description: str) -> argparse.ArgumentParser:
 
 
 def run_stage(main: Callable[[list[str] | None], None], argv: list[str] | None = None) -> int:
-    """Run a stage's ``main``; a :class:`PipelineError` becomes one line on stderr and exit code 2."""
+    """Run a stage's ``main``; a :class:`PipelineError` (or a write refused for space or permission) becomes
+    one line on stderr and exit code 2."""
     try:
         main(argv)
     except PipelineError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a write the stage did not wrap: a full disk or unwritable folder is still one line
+        if not (is_write_error(err) and err.filename):
+            raise
+        print(f"error: {output_error(err, err.filename, 'the setting that names this path')}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted; rerun the same command to resume", file=sys.stderr)

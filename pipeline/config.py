@@ -465,6 +465,14 @@ class Config(Section):
         if self.search.metric not in allowed:
             raise ValueError(f"search.metric = {self.search.metric!r} is not a metric that a trial's validation "
                              f"reports; allowed: {', '.join(allowed)}")  # fmt: skip
+        if self.data.source == "synthetic":  # the sample's events are data.synthetic.frames long, not 49
+            win, frames = self.windows, self.data.synthetic.frames
+            kept = (frames - 1) // win.frame_step + 1
+            if win.long_len > kept:
+                raise ValueError(f"windows: a window (and its long clip) needs {win.long_len} frames but the synthetic "
+                                 f"events have {kept} (data.synthetic.frames = {frames} at windows.frame_step = "
+                                 f"{win.frame_step}); shorten windows.in_len/out_len/memory_len or raise "
+                                 "data.synthetic.frames")  # fmt: skip
         out_len = self.windows.out_len
         bad = [lead for lead in self.evaluate.example_leads or [] if not 1 <= lead <= out_len]
         if bad:

@@ -26,6 +26,7 @@ from pipeline.scoring import evaluation, reports
 from pipeline.scoring.forecasters import get_method, model_from_checkpoint
 from pipeline.scoring.mlflow_log import log_evaluation, log_model
 from pipeline.tracking import log_windows_inputs, stage_run
+from pipeline.sevir.dataset import check_windows_file
 from pipeline.training.checkpoint import check_phase, read_checkpoint
 from pipeline.training.loop import cpu_threads
 
@@ -67,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         check_phase(ckpt_path, 2, "rerun train_phase2 (dvc repro train_phase2), or pass --checkpoint to score it")
     ckpt = read_checkpoint(ckpt_path)
     windows_path = cfg.windows.root / f"{split}.h5"
+    check_windows_file(windows_path, cfg.windows.frame_step)  # the frame size is checked against the model's
     dataset = evaluation.open_windows(windows_path, ckpt["data"])
     device, precision = resolve_device(cfg.train.device, cfg.train.precision)
     forecasters = {"model": model_from_checkpoint(ckpt_path, cfg.model, device=device, precision=precision)}

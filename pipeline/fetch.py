@@ -17,6 +17,7 @@ from pipeline import config as config_mod
 from pipeline import sevir
 from pipeline.cli import run_stage, setup_logging, stage_parser
 from pipeline.config import Config
+from pipeline.outputs import check_writable, writing
 from pipeline.sevir.verify import verify_vil_files
 from pipeline.tracking import stage_run
 
@@ -27,7 +28,8 @@ def fetch(cfg: Config) -> pd.DataFrame:
     """Run the configured source; returns the catalog written to ``cfg.data.root``."""
     data = cfg.data
     log.info("fetch: source=%s -> %s", data.source, data.root)
-    with sevir.exclusive_lock(Path(data.root), data.lock_wait_s, what="fetch"):  # one fetch per root at a time
+    check_writable(Path(data.root).parent, "data.root")  # before any download or generation
+    with writing(data.root, "data.root"), sevir.exclusive_lock(Path(data.root), data.lock_wait_s, what="fetch"):  # one fetch per root at a time
         if data.source == "synthetic":
             from pipeline.sevir.synthetic import generate
 

@@ -66,8 +66,9 @@ def main(argv: list[str] | None = None) -> None:
     name = args.study or study_mod.study_name(cfg)
 
     if args.worker:
-        study = study_mod.create_or_load(cfg, storage, desc, name=name, create=False,
-                                         worker_seed=study_mod.worker_seed(cfg.search))
+        with writing(desc, "search.storage"):  # a journal on a full disk: one line naming the storage
+            study = study_mod.create_or_load(cfg, storage, desc, name=name, create=False,
+                                             worker_seed=study_mod.worker_seed(cfg.search))
         tracker = _tracker_for_worker(cfg, study)
         with study_mod.quiet_optuna(), writing(desc, "search.storage"):
             ran = study_mod.StudyRunner(study, cfg.search, Phase1Objective(cfg, workdir / "trials", tracker), lock).run()
@@ -77,15 +78,16 @@ def main(argv: list[str] | None = None) -> None:
     with stage_run(cfg, "search", ()) as mlflow:
         mlflow.log_params({k: v for k, v in flatten("search", cfg.search).items() if not k.startswith("search.space")})
         mlflow.log_params({"search.space": ", ".join(p.key for p in cfg.search.space)[:6000], "search.study": name})
-        study = study_mod.create_or_load(cfg, storage, desc, name=name, create=True)
-        run = mlflow.active_run()
-        tracker = None
-        if run is not None:
-            from mlflow.tracking import MlflowClient
+        with writing(desc, "search.storage"):  # a journal on a full disk: one line naming the storage
+            study = study_mod.create_or_load(cfg, storage, desc, name=name, create=True)
+            run = mlflow.active_run()
+            tracker = None
+            if run is not None:
+                from mlflow.tracking import MlflowClient
 
-            study.set_user_attr("mlflow_run_id", run.info.run_id)
-            study.set_user_attr("mlflow_experiment_id", run.info.experiment_id)
-            tracker = TrialTracker(MlflowClient(), run.info.experiment_id, run.info.run_id, name)
+                study.set_user_attr("mlflow_run_id", run.info.run_id)
+                study.set_user_attr("mlflow_experiment_id", run.info.experiment_id)
+                tracker = TrialTracker(MlflowClient(), run.info.experiment_id, run.info.run_id, name)
         log.info("study '%s' in %s: %d trials stored, running to %d", name, desc, len(study.trials), cfg.search.n_trials)
         log.info("extra workers: python -m pipeline.search --worker%s", f" --storage '{cfg.search.storage}'" if cfg.search.storage else "")
         with study_mod.quiet_optuna(), writing(desc, "search.storage"):

@@ -22,8 +22,11 @@ from pathlib import Path
 from pipeline import config as config_mod
 from pipeline.cli import run_stage, setup_logging, stage_parser
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.outputs import OutputError, check_writable, writing
+from pipeline.sevir.dataset import check_windows_file
 from pipeline.tracking import stage_run
 from pipeline.training import distributed, fit
+from pipeline.training.checkpoint import check_phase
 from pipeline.training.report import write_reports
 
 log = logging.getLogger("pipeline.train")
@@ -66,10 +69,25 @@ def main(argv: list[str] | None = None) -> None:
             distributed.teardown()
         return
     result = None
+    # folders that cannot take files are refused now, not after an epoch of training
+    check_writable(out_dir, "train.checkpoint_dir")
+    check_writable(args.reports, "--reports")
+    for split in ("train", "val"):  # windows made with other windows.* params are refused before any step
+        path = cfg.windows.root / f"{split}.h5"
+        if split == "train" or path.exists():
+            check_windows_file(path, cfg.windows.frame_step, cfg.frame_size())
+    if args.phase == 2:  # phase 2 starts from phase 1's best: another phase's file is refused before any step
+        check_phase(cfg.train.checkpoint_dir / "phase1" / "best.pt", 1, "rerun train_phase1 (dvc repro train_phase1)")
     try:
         with stage_run(cfg, stage, ("model", "train", "windows")) as mlflow:
-            result = fit(cfg, args.phase, out_dir, tracker=mlflow, env=dict(os.environ) if worker else None)
-            paths = write_reports(result, args.phase, args.reports, stage_seconds=time.perf_counter() - start)
+            try:
+                with writing(out_dir, "train.checkpoint_dir"):
+                    result = fit(cfg, args.phase, out_dir, tracker=mlflow, env=dict(os.environ) if worker else None)
+            except OutputError:
+                _drop_partial(out_dir)  # last.pt / best.pt of the epochs before are kept
+                raise
+            with writing(args.reports, "--reports"):
+                paths = write_reports(result, args.phase, args.reports, stage_seconds=time.perf_counter() - start)
             try:
                 mlflow.log_artifact(str(paths["plot"]))
                 mlflow.log_artifact(str(paths["metrics"]))
@@ -87,6 +105,12 @@ def main(argv: list[str] | None = None) -> None:
         distributed.teardown()
     log.info("%s: best %s = %s at epoch %s -> %s", stage, result.best_key, result.best_score, result.best_epoch,
              result.checkpoint)  # fmt: skip
+
+
+def _drop_partial(out_dir: Path) -> None:
+    """Remove the temporary files this process left half-written in ``out_dir`` (a failed write)."""
+    for tmp in out_dir.glob(f".*.{os.getpid()}.tmp"):
+        tmp.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

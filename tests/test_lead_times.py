@@ -9,6 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import yaml
 
 from pipeline.errors import DataError
 from pipeline.scoring import evaluation, reports
@@ -97,6 +98,9 @@ def test_windows_at_frame_step_2_give_10_minute_leads_everywhere(tmp_path, drawn
 
     params = _stage_files(tmp_path)
     set_attrs(tmp_path / "windows" / "test.h5", frame_step=2, frame_minutes=10)
+    raw = yaml.safe_load(params.read_text())
+    raw["windows"]["frame_step"] = 2  # the params the file was made with (another frame step is refused)
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
     assert _run(params) == 0
     leads = [10 * (j + 1) for j in range(OUT)]
 

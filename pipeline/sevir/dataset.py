@@ -192,3 +192,29 @@ def make_loader(path: str | Path, batch_size: int, shuffle: bool = False, num_wo
         dataset, batch_size=batch_size, shuffle=shuffle and sampler is None, sampler=sampler,
         num_workers=num_workers, pin_memory=pin_memory, drop_last=drop_last, generator=generator, **loader_kwargs,
     )  # fmt: skip
+
+
+def check_windows_file(path: str | Path, frame_step: int, frame_size: int | None = None) -> None:
+    """A windows file as stage chunk makes it with the params' ``windows.*``, or one :class:`DataError` line:
+    readable HDF5 with a uint8 ``vil`` of (events, frames, H, W), made at ``frame_step`` (the
+    ``frame_step`` attribute; 1 when absent) and, when given, of ``frame_size`` x ``frame_size`` frames."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: windows file not found; run the chunk stage (dvc repro chunk)")
+    try:
+        with h5py.File(path, "r") as h5:
+            vil = h5["vil"]
+            dtype, shape = vil.dtype, tuple(vil.shape)
+            step = int(h5.attrs.get("frame_step", 1))
+    except (OSError, KeyError, TypeError, ValueError) as err:
+        why = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        raise DataError(f"{path}: not a windows file ({why}); rerun the chunk stage (dvc repro chunk)") from None
+    if dtype != np.uint8 or len(shape) != 4:
+        raise DataError(f"{path}: vil is {dtype} of shape {shape}, not uint8 (events, frames, height, width) as "
+                        "the chunk stage writes it; rerun the chunk stage (dvc repro chunk)")  # fmt: skip
+    if step != frame_step:
+        raise DataError(f"{path}: made at windows.frame_step = {step} but params.yaml has {frame_step}; rerun the "
+                        "chunk stage (dvc repro chunk)")  # fmt: skip
+    if frame_size is not None and shape[2:] != (frame_size, frame_size):
+        raise DataError(f"{path}: frames are {shape[2]}x{shape[3]} but params.yaml gives {frame_size}x{frame_size} "
+                        "(data.*.size / windows.downsample); rerun the chunk stage (dvc repro chunk)")  # fmt: skip

@@ -251,10 +251,19 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as fh:
-            torch.save(state, fh)
+            try:
+                torch.save(state, fh)
+            except RuntimeError as err:  # torch's zip writer reports a failed write (e.g. a full disk) as its own
+                if isinstance(err.__context__, OSError):
+                    raise err.__context__ from None
+                raise
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as err:
+        if err.filename is None:  # a write of an open file names no path: name the checkpoint
+            raise OSError(err.errno, err.strerror, str(path)) from None
+        raise
     finally:
         if tmp.exists():
             tmp.unlink()
@@ -265,7 +274,7 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         os.close(dir_fd)
 
 
-def read_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
+def read_checkpoint(path: Path, map_location: Any = "cpu", mmap: bool = False) -> dict[str, Any]:
     """Load a checkpoint dict with ``weights_only=True``.
 
     A missing, truncated or foreign file raises :class:`DataError` with one line naming the
@@ -275,13 +284,21 @@ def read_checkpoint(path: Path, map_location: Any = "cpu") -> dict[str, Any]:
     if not path.is_file():
         raise DataError(f"{path}: checkpoint not found; run the training stage (dvc repro train_phase1) first")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        state = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap or None)
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, pickle.UnpicklingError) as err:
         why = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DataError(f"{path}: corrupt or unreadable checkpoint ({why[:160]}); delete it and rerun the "
                         "training stage") from None  # fmt: skip
     if not isinstance(state, dict) or state.get("format") != FORMAT or "model" not in state:
         raise DataError(f"{path}: not a format-{FORMAT} training checkpoint; delete it and rerun the training stage")
+    return state
+
+
+def check_phase(path: Path, phase: int, fix: str) -> dict[str, Any]:
+    """The checkpoint at ``path`` (tensors mapped, not read), refused unless a phase-``phase`` one."""
+    state = read_checkpoint(path, mmap=True)
+    if state.get("phase") != phase:
+        raise DataError(f"{path}: a phase-{state.get('phase')} checkpoint where a phase-{phase} one belongs; {fix}")
     return state
 
 
