@@ -63,10 +63,11 @@ def write_params(root: Path, overrides: dict[str, Any] | None = None, name: str 
 
 
 def run_stage(stage: str, root: Path, params: Path | None = None, *extra: str, timeout: float = 600,
-              wait: bool = True) -> subprocess.CompletedProcess | subprocess.Popen:  # fmt: skip
-    """``python -m pipeline.<stage>`` in ``root`` (one torch thread); a Popen when ``wait`` is false."""
+              wait: bool = True, code: Path = REPO) -> subprocess.CompletedProcess | subprocess.Popen:  # fmt: skip
+    """``python -m pipeline.<stage>`` in ``root`` (one torch thread) with the code under ``code`` (a frozen
+    copy keeps a long test immune to edits of the checkout); a Popen when ``wait`` is false."""
     cmd = [sys.executable, "-m", *STAGES[stage], "--params", str(params or root / "params.yaml"), *extra]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
+    env = {**os.environ, "PYTHONPATH": str(code), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1",
            "TQDM_DISABLE": "1", "PYTHONHASHSEED": "0"}  # fmt: skip
     if not wait:
         return subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
