@@ -22,7 +22,7 @@ from pathlib import Path
 from pipeline import config as config_mod
 from pipeline.cli import run_stage, setup_logging, stage_parser
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.outputs import OutputError, check_writable, writing
+from pipeline.outputs import OutputError, OutputSet, check_writable, writing
 from pipeline.sevir.dataset import check_windows_file
 from pipeline.tracking import stage_run
 from pipeline.training import distributed, fit
@@ -86,8 +86,10 @@ def main(argv: list[str] | None = None) -> None:
             except OutputError:
                 _drop_partial(out_dir)  # last.pt / best.pt of the epochs before are kept
                 raise
-            with writing(args.reports, "--reports"):
-                paths = write_reports(result, args.phase, args.reports, stage_seconds=time.perf_counter() - start)
+            names = [f"{stage}_curve.csv", f"{stage}_steps.csv", f"{stage}_loss.png", f"{stage}.json"]  # json (DVC) last
+            with OutputSet(args.reports, names, stage, "--reports") as staged:  # the four replaced together
+                staged_paths = write_reports(result, args.phase, staged, stage_seconds=time.perf_counter() - start)
+            paths = {key: args.reports / path.name for key, path in staged_paths.items()}
             try:
                 mlflow.log_artifact(str(paths["plot"]))
                 mlflow.log_artifact(str(paths["metrics"]))

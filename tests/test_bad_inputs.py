@@ -352,6 +352,29 @@ def test_a_full_disk_while_a_checkpoint_is_written_is_one_line_and_keeps_the_las
     assert {p.name: p.read_bytes() for p in ckpts.iterdir()} == before  # the epoch-2 checkpoints, no temp file
 
 
+def test_a_full_disk_while_training_writes_its_reports_keeps_the_previous_ones(project, monkeypatch, capsys):
+    from pipeline import train
+    from pipeline.training import report
+
+    params = tiny.write_params(project, {"train": {"phase1": {"epochs": 3}}})
+    before = tiny.snapshot(project / "reports")
+    real, calls = report._atomic_write, [0]
+
+    def full(path, data):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if calls[0] > 2:  # two of the four files go in, the third finds the disk full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        real(path, data)
+
+    monkeypatch.setattr(report, "_atomic_write", full)
+    monkeypatch.chdir(project)
+    assert run_in_process(train.main, ["--phase", "1", "--params", str(params)]) == 2
+    line = _one_error_line(capsys)
+    assert "No space left on device" in line and "--reports" in line, line
+    assert tiny.snapshot(project / "reports") == before  # the previous four files, not two new and two old
+    assert not list((project / "reports").glob(".train_phase1.*"))
+
+
 def test_a_full_disk_while_evaluate_writes_keeps_the_previous_reports(project, monkeypatch, capsys):
     from pipeline import evaluate
     from pipeline.scoring import reports
