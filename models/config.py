@@ -60,6 +60,17 @@ class MemoryConfig(_Section):
     fusion: Literal["reference", "gated", "concat", "cross_attention"] = "reference"
 
 
+class PriorConfig(_Section):
+    """Motion prior of ``model.motion`` (models.motion.MotionPrior): a block-matching flow from the inputs."""
+
+    kind: Literal["none", "block_matching"] = "none"  # block_matching: the forecast starts from extrapolation
+    pool: PositiveInt = 4  # frames are average-pooled by this before matching (pixels per coarse pixel)
+    radius: Annotated[int, Field(ge=1, le=8)] = 4  # displacements searched, coarse pixels each way
+    lag: PositiveInt = 2  # frames between the matched pair; fastest motion seen = radius * pool / lag px/frame
+    pairs: PositiveInt = 3  # the last N pairs of inputs, averaged
+    smooth: Annotated[int, Field(ge=0)] = 7  # half-width of the flow's smoothing box, coarse pixels
+
+
 class ModelConfig(_Section):
     name: ModelName = "datswinlstm_memory"
     in_channels: PositiveInt = 1
@@ -89,6 +100,9 @@ class ModelConfig(_Section):
     # anchor the change is added to: x_{t+1} = warp(x_t, v_t) + s_t. The flow layer starts at zero, so a
     # fresh model is still persistence (models/motion.py; benchmarks/README.md, "Skill")
     motion: bool = False
+    # where the flow of model.motion starts: none (zero: persistence) | block_matching (a flow matched between
+    # the last inputs, as classical extrapolation; the network's flow is added to it)
+    prior: PriorConfig = PriorConfig()
     # position information of window attention: relative (a learned bias per relative offset, Swin), absolute
     # (a learned embedding per position in the window, added to the tokens), sincos (fixed 2D sin/cos, added),
     # rotary (2D RoPE on queries and keys; head dims multiples of 4)
@@ -110,6 +124,9 @@ class ModelConfig(_Section):
         if self.motion and not self.residual:
             raise ValueError("model.motion = true needs model.residual = true (the change is added to the advected "
                              "frame); set model.residual: true or model.motion: false")
+        if self.prior.kind != "none" and not self.motion:
+            raise ValueError(f"model.prior.kind = {self.prior.kind} needs model.motion = true (the prior is the flow "
+                             "the forecast is advected by); set model.motion: true or model.prior.kind: none")
         if self.name == "convlstm":
             if self.convlstm.kernel_size % 2 == 0:
                 raise ValueError(f"model.convlstm.kernel_size = {self.convlstm.kernel_size} must be odd")

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from models.base import Forecaster, check_input
 from models.config import ModelConfig
-from models.motion import Evolution, FlowHead
+from models.motion import Evolution, FlowHead, build_prior
 from models.registry import register
 
 State = tuple[Tensor, Tensor]
@@ -78,6 +78,7 @@ class ConvLSTM(Forecaster):
             nn.init.zeros_(self.head.bias)
         # model.motion: a flow per forecast step from the stacked hidden states (zero at the start)
         self.flow_head = FlowHead(sum(hidden), p, channels_last=False) if cfg.motion else None
+        self.motion_prior = build_prior(cfg)  # model.prior: the flow the network's is added to
 
     def forward(self, x: Tensor, out_len: int, memory_x: Tensor | None = None, phase: int = 2) -> Tensor:
         """(B, T_in, C, H, W) on 0-1 -> (B, out_len, C, H, W); H, W multiples of patch_size."""
@@ -96,7 +97,9 @@ class ConvLSTM(Forecaster):
                 inp = states[i][0]
 
         preds = []
-        evolution = Evolution(x[:, -1]) if self.flow_head is not None else None
+        evolution = None
+        if self.flow_head is not None:
+            evolution = Evolution(x[:, -1], self.motion_prior(x) if self.motion_prior is not None else None)
         for _ in range(out_len):
             inp = None
             for i, cell in enumerate(self.forecaster):

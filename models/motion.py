@@ -16,6 +16,8 @@ advected in from outside the frame is unknown and enters as 0 (as in pysteps' ex
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -43,6 +45,12 @@ class FlowHead(nn.Module):
     Output (B, 3, h * scale, w * scale): flow (dy, dx) in pixels per frame, then the change on the 0-1 scale.
     """
 
+    # Output units per unit of the layer's pre-activation. Adam moves every weight by about lr per step
+    # whatever its gradient, so these set how far one step can move the forecast: a flow in pixels and
+    # a change on the 0-1 scale (one step at lr 1e-3 moves the change by ~1e-3 x dim x CHANGE_SCALE)
+    FLOW_SCALE = 1.0
+    CHANGE_SCALE = 0.05
+
     def __init__(self, dim: int, scale: int, channels_last: bool) -> None:
         super().__init__()
         self.scale, self.channels_last = scale, channels_last
@@ -60,6 +68,8 @@ class FlowHead(nn.Module):
             flow = self.proj(self.norm(x)).permute(0, 3, 1, 2)  # (B, 3, h, w)
         else:
             flow = self.proj(self.norm(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        gain = flow.new_tensor([self.FLOW_SCALE, self.FLOW_SCALE, self.CHANGE_SCALE]).view(1, 3, 1, 1)
+        flow = flow * gain
         if self.scale == 1:
             return flow
         # the flow is in pixels, so its values are unchanged by the upsampling; only the grid is finer
@@ -77,17 +87,100 @@ class Evolution:
     its texture is not blurred by twelve chained bilinear warps (which cost SSIM).
     """
 
-    def __init__(self, origin: Tensor) -> None:
+    def __init__(self, origin: Tensor, prior: Tensor | None = None) -> None:
         self.origin = origin  # (B, C, H, W), the last input frame
+        self.prior = prior  # (B, 2, H, W) or None: a flow added to every step's (model.prior)
         self.disp: Tensor | None = None  # (B, 2, H, W)
         self.change: Tensor | None = None  # (B, C, H, W)
 
     def step(self, motion: Tensor) -> Tensor:
         """``motion`` (B, 3, H, W): flow (dy, dx) and change of this step -> the forecast frame (B, C, H, W)."""
         flow, change = motion[:, :2], motion[:, 2:3]
+        if self.prior is not None:
+            flow = flow + self.prior
         if self.disp is None:
             self.disp, self.change = flow, change
         else:
             carried = advect(torch.cat([self.disp, self.change], dim=1), flow)
             self.disp, self.change = flow + carried[:, :2], change + carried[:, 2:]
         return advect(self.origin, self.disp) + self.change
+
+
+class MotionPrior(nn.Module):
+    """A flow estimate from the input frames alone (``model.prior``): the forecast starts from motion.
+
+    Block matching, as a classical extrapolation nowcast does, but differentiable and batched: the
+    frames are average-pooled by ``pool``; each coarse pixel is described by its zero-mean, unit-norm
+    ``patch x patch`` neighbourhood (5 x 5: 3 x 3 was too weak a descriptor and underestimated shifts by half); the descriptors of frame ``t - lag`` are compared (cosine) with those of
+    frame ``t`` displaced by every ``(dy, dx)`` within ``+-radius`` coarse pixels, for the last
+    ``pairs`` such pairs of inputs; a softmax over the displacements (learned sharpness) gives a
+    soft-argmax displacement and a confidence per coarse pixel. Flows are averaged over the pairs,
+    weighted by confidence x rain (texture-free, rain-free places carry no motion information), smoothed
+    by a normalised box filter of ``smooth`` coarse pixels and filled with the sample's weighted mean
+    flow where nothing is near, then brought to pixels per frame and upsampled bilinearly.
+
+    The fastest motion it can see is ``radius * pool / lag`` pixels per frame (default 4 x 4 / 2 = 8).
+    Its only parameter is the sharpness; the network's own flow (:class:`FlowHead`) is added to it.
+    """
+
+    def __init__(self, pool: int = 4, radius: int = 4, lag: int = 2, pairs: int = 3, smooth: int = 7,
+                 patch: int = 5, sharpness: float = 50.0) -> None:
+        super().__init__()
+        self.pool, self.radius, self.lag, self.pairs, self.smooth = pool, radius, lag, pairs, smooth
+        side = 2 * radius + 1
+        dy, dx = torch.meshgrid(torch.arange(side) - radius, torch.arange(side) - radius, indexing="ij")
+        self.register_buffer("displacements", torch.stack([dy, dx]).flatten(1).float(), persistent=False)  # (2, K)
+        self.patch = patch
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(sharpness)))
+
+    def describe(self, frames: Tensor) -> Tensor:
+        """(N, 1, h, w) coarse frames -> (N, patch^2, h, w) zero-mean unit-norm neighbourhoods."""
+        n, _, h, w = frames.shape
+        k = self.patch
+        patches = F.unfold(frames, kernel_size=k, padding=k // 2).view(n, k * k, h, w)
+        patches = patches - patches.mean(dim=1, keepdim=True)
+        return patches * torch.rsqrt(patches.pow(2).sum(dim=1, keepdim=True) + 1e-8)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, T, C, H, W) inputs on 0-1 -> flow (B, 2, H, W) in pixels per frame (dy, dx); 0 for T = 1."""
+        B, T, _, H, W = x.shape
+        lag = min(self.lag, T - 1)
+        if lag < 1:
+            return x.new_zeros(B, 2, H, W)
+        pairs = min(self.pairs, T - lag)
+        r, side, p = self.radius, 2 * self.radius + 1, self.pool
+        frames = x[:, T - lag - pairs :, :1].float()  # pairs (t - lag, t) for the last `pairs` t; channel 0 (VIL)
+        n = frames.shape[1]
+        coarse = F.avg_pool2d(frames.reshape(B * n, 1, H, W), p)  # (B n, 1, h, w)
+        h, w = coarse.shape[-2:]
+        desc = self.describe(coarse)
+        d = desc.shape[1]
+        desc = desc.view(B, n, d, h, w)
+        rain = coarse.view(B, n, 1, h, w)
+        src = desc[:, : n - lag].reshape(-1, d, h, w)  # frame t - lag of each pair
+        dst = F.pad(desc[:, lag:].reshape(-1, d, h, w), (r, r, r, r))  # frame t, zero outside the map
+        corr = torch.stack([(src * dst[:, :, i : i + h, j : j + w]).sum(dim=1) for i in range(side) for j in range(side)],
+                           dim=1)  # fmt: skip  # (B pairs, K, h, w)
+        probs = torch.softmax(corr * self.log_temperature.exp(), dim=1)
+        flow = torch.einsum("nkhw,ck->nchw", probs, self.displacements).view(B, pairs, 2, h, w)
+        confidence = probs.amax(dim=1).view(B, pairs, 1, h, w)
+        weight = confidence * rain[:, : n - lag]  # (B, pairs, 1, h, w), at the pairs' source pixels
+        flow = (flow * weight).sum(dim=1)  # (B, 2, h, w), weighted sums over the pairs
+        weight = weight.sum(dim=1)  # (B, 1, h, w)
+        k = 2 * self.smooth + 1
+        local_flow = F.avg_pool2d(flow, k, stride=1, padding=self.smooth, count_include_pad=False)
+        local_weight = F.avg_pool2d(weight, k, stride=1, padding=self.smooth, count_include_pad=False)
+        mean_flow = flow.sum(dim=(2, 3), keepdim=True) / (weight.sum(dim=(2, 3), keepdim=True) + 1e-6)
+        # near rain: the local weighted mean; far from any: the sample's mean (a smooth blend between them)
+        trust = local_weight / (local_weight + 0.02)
+        flow = trust * local_flow / (local_weight + 1e-6) + (1 - trust) * mean_flow
+        flow = flow * (p / lag)  # coarse pixels per `lag` frames -> pixels per frame
+        return F.interpolate(flow, size=(H, W), mode="bilinear", align_corners=False).to(x.dtype)
+
+
+def build_prior(cfg) -> MotionPrior | None:
+    """The ``model.prior`` module of a ModelConfig, or None."""
+    if not cfg.motion or cfg.prior.kind == "none":
+        return None
+    p = cfg.prior
+    return MotionPrior(pool=p.pool, radius=p.radius, lag=p.lag, pairs=p.pairs, smooth=p.smooth)

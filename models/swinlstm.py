@@ -41,7 +41,7 @@ from models.blocks import (
     WindowAttention,
 )
 from models.config import ModelConfig
-from models.motion import Evolution, FlowHead
+from models.motion import Evolution, FlowHead, build_prior
 from models.registry import register
 
 CellState = tuple[Tensor, Tensor]
@@ -90,6 +90,7 @@ class SwinLSTMD(nn.Module):
         self.deep_fusion = deep_fusion  # after init: it keeps its own initialisation
         # model.motion: a flow per forecast step from the head's tokens (zero at the start, see models.motion)
         self.flow_head = FlowHead(D, cfg.patch_size, channels_last=True) if cfg.motion else None
+        self.motion_prior = build_prior(cfg)  # model.prior: the flow the network's is added to
 
     def step(
         self, frame: Tensor, states: list[CellState | None], memory: Tensor | None, forecast: bool = True
@@ -137,7 +138,9 @@ class SwinLSTMD(nn.Module):
         preds: list[Tensor] = []
         pred = x[:, 0]
         anchor = x[:, -1]  # model.residual: forecasts are the last input frame + the head's change
-        evolution = Evolution(anchor) if self.flow_head is not None else None
+        evolution = None
+        if self.flow_head is not None:
+            evolution = Evolution(anchor, self.motion_prior(x) if self.motion_prior is not None else None)
         for t in range(T + out_len - 1):
             frame = x[:, t] if t < T else pred  # feed the inputs, then the model's own forecast
             out = self.step(frame, states, memory, forecast=t >= T - 1)  # (B, C, H, W): frame t + 1

@@ -195,6 +195,11 @@ class PhaseConfig(Section):
     l2_weight: NonNegFloat = 1.0
     ssim_weight: NonNegFloat = 0.0
     recon_weight: NonNegFloat = 0.0  # forecast the second half of the inputs from the first half (one more forward)
+    # + csi_weight * (1 - soft CSI): the mean over csi_thresholds (VIL 0-255) of a differentiable CSI whose
+    # forecast events are sigmoid((pred - T) / csi_softness) (pipeline/training/losses.py)
+    csi_weight: NonNegFloat = 0.0
+    csi_thresholds: Annotated[list[VIL_SCALE], Field(min_length=1)] = [16, 74, 133, 160, 181, 219]
+    csi_softness: PositiveFloat = 2.0  # VIL units: the sigmoid's width around each threshold
     # B-MAE / B-MSE (Shi et al. 2017): pixel weights by intensity class of the target; class k holds
     # VIL in [balance_thresholds[k-1], balance_thresholds[k]) on the 0-255 scale
     balanced: bool = False
@@ -212,8 +217,8 @@ class PhaseConfig(Section):
             raise ValueError("balance_thresholds must be strictly increasing")
         if len(self.balance_weights) != len(self.balance_thresholds) + 1:
             raise ValueError("balance_weights needs one more entry than balance_thresholds (one per class)")
-        if self.l1_weight + self.l2_weight + self.ssim_weight == 0:
-            raise ValueError("l1_weight, l2_weight and ssim_weight are all 0: the loss would be empty")
+        if self.l1_weight + self.l2_weight + self.ssim_weight + self.csi_weight == 0:
+            raise ValueError("l1_weight, l2_weight, ssim_weight and csi_weight are all 0: the loss would be empty")
         if not self.best_key.startswith(("val.", "train.")):
             raise ValueError(f"best_key {self.best_key!r} must name a logged metric, e.g. val.loss or val.csi_m")
         return self

@@ -7,7 +7,7 @@ import torch
 
 import models
 from models.config import ModelConfig
-from models.motion import Evolution, FlowHead, advect
+from models.motion import Evolution, FlowHead, MotionPrior, advect
 from tests.test_models_learn import IN_LEN, OUT_LEN, TINY, moving_blobs
 
 NAMES = ("convlstm", "swinlstm", "datswinlstm_memory")
@@ -111,3 +111,47 @@ def test_a_motion_model_learns_the_motion_of_moving_blobs() -> None:
     with torch.no_grad():
         final = (model.eval()(x, OUT_LEN) - y).square().mean().item()
     assert final < 0.3 * persistence
+
+
+def _textured_clip(velocity: tuple[float, float], frames: int = 6, side: int = 128, seed: int = 0) -> torch.Tensor:
+    """(1, frames, 1, side, side): a smooth random rain field (cells of 8 px) moving by ``velocity`` (dy, dx)
+    px per frame."""
+    generator = torch.Generator().manual_seed(seed)
+    base = torch.rand(1, 1, side // 8, side // 8, generator=generator)
+    field = torch.nn.functional.interpolate(base, size=(side, side), mode="bicubic", align_corners=False).clamp(0, 1)
+    flow = torch.tensor(velocity, dtype=torch.float32).view(1, 2, 1, 1).expand(1, 2, side, side)
+    return torch.stack([advect(field, flow * t) for t in range(frames)], dim=1)
+
+
+@pytest.mark.parametrize("velocity", [(0.0, 0.0), (2.0, -1.0), (-3.0, 3.0)])
+def test_motion_prior_recovers_a_known_motion(velocity: tuple[float, float]) -> None:
+    clip = _textured_clip(velocity)
+    flow = MotionPrior()(clip)
+    assert flow.shape == (1, 2, 128, 128)
+    centre = flow[0, :, 32:96, 32:96].mean(dim=(1, 2))  # away from the edges, where rain enters from outside
+    assert centre.tolist() == pytest.approx(list(velocity), abs=0.35)
+
+
+def test_motion_prior_of_one_frame_or_no_rain_is_zero() -> None:
+    clip = _textured_clip((2.0, 1.0))
+    assert torch.equal(MotionPrior()(clip[:, :1]), torch.zeros(1, 2, 128, 128))
+    assert torch.equal(MotionPrior()(torch.zeros(2, 5, 1, 64, 64)), torch.zeros(2, 2, 64, 64))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_a_fresh_model_with_the_prior_extrapolates_the_motion(name: str) -> None:
+    """With model.prior, a fresh model forecasts the last input carried by the prior's flow: beyond persistence."""
+    torch.manual_seed(0)
+    prior = {"kind": "block_matching", "pool": 2, "radius": 4, "lag": 1, "smooth": 4}
+    model = models.build(ModelConfig(name=name, residual=True, motion=True, prior=prior, **TINY)).eval()
+    clip = moving_blobs()
+    x, y = clip[:, :IN_LEN], clip[:, IN_LEN:]
+    with torch.no_grad():
+        out = model(x, OUT_LEN)
+    persistence = (x[:, -1:].expand_as(y) - y).square().mean().item()
+    assert (out - y).square().mean().item() < 0.5 * persistence
+
+
+def test_prior_needs_motion_in_one_line() -> None:
+    with pytest.raises(ValueError, match=r"model\.prior\.kind = block_matching needs model\.motion = true"):
+        ModelConfig(residual=True, prior={"kind": "block_matching"})

@@ -10,6 +10,12 @@
   SEVIR thresholds 16 / 74 / 133 / 181 as edges (a choice: VIL is not a rain rate; set
   ``balance_thresholds`` / ``balance_weights`` to change it). The weighted errors are averaged over
   all pixels (not normalised by the weights), as in the paper, so the weights raise the loss.
+- ``csi_weight * (1 - soft CSI)``: the score the evaluation reports, made differentiable: at each of
+  ``csi_thresholds`` (VIL 0-255) a forecast pixel is an event with probability
+  ``sigmoid((255 pred - T) / csi_softness)``, the target's events are exact; hits, misses and false
+  alarms are summed over the batch (as the scores accumulate them) and CSI = hits / (hits + misses +
+  false alarms) is averaged over the thresholds present in the batch. L1 and MSE reward a blurred
+  forecast where the position is uncertain; this term rewards getting the rain areas right.
 - ``ssim_weight * (1 - SSIM)``: Gaussian 11x11 window, sigma 1.5 (the SEVIR scoring SSIM),
   computed per frame.
 """
@@ -51,6 +57,10 @@ class ForecastLoss(nn.Module):
         super().__init__()
         self.l1, self.l2 = phase_cfg.l1_weight, phase_cfg.l2_weight
         self.ssim_weight = phase_cfg.ssim_weight
+        self.csi_weight = getattr(phase_cfg, "csi_weight", 0.0)
+        self.csi_softness = getattr(phase_cfg, "csi_softness", 2.0) / 255.0
+        self.register_buffer("csi_thresholds", torch.tensor(getattr(phase_cfg, "csi_thresholds", [16]),
+                                                            dtype=torch.float32) / 255.0, persistent=False)  # fmt: skip
         self.balanced = phase_cfg.balanced
         self.register_buffer("edges", torch.tensor(phase_cfg.balance_thresholds, dtype=torch.float32) / 255.0,
                              persistent=False)  # fmt: skip
@@ -80,4 +90,28 @@ class ForecastLoss(nn.Module):
             s = ssim(pred32, target32, self.window)
             loss = loss + self.ssim_weight * (1 - s)
             parts["ssim"] = s.detach()
+        if self.csi_weight > 0:
+            c = soft_csi(pred32, target32, self.csi_thresholds.to(pred32.device), self.csi_softness)
+            loss = loss + self.csi_weight * (1 - c)
+            parts["soft_csi"] = c.detach()
         return loss, parts
+
+
+def soft_csi(pred: Tensor, target: Tensor, thresholds: Tensor, softness: float) -> Tensor:
+    """Differentiable CSI of a 0-1 forecast, averaged over ``thresholds`` (0-1 scale) whose events occur in
+    the target or the forecast (a threshold nobody reaches has no CSI, as in the scores); 1 if none does."""
+    shape = (-1,) + (1,) * pred.ndim
+    t = thresholds.view(shape)
+    forecast = torch.sigmoid((pred.unsqueeze(0) - t) / softness)  # (K, B, T, C, H, W)
+    observed = (target.unsqueeze(0) >= t - 1e-6).float()
+    dims = tuple(range(1, forecast.ndim))
+    hits = (forecast * observed).sum(dim=dims)
+    misses = ((1 - forecast) * observed).sum(dim=dims)
+    false_alarms = (forecast * (1 - observed)).sum(dim=dims)
+    union = hits + misses + false_alarms
+    # a threshold is scored where the target or the (rounded) forecast has an event, as the scores do
+    present = (observed.amax(dim=dims) > 0) | ((forecast > 0.5).flatten(1).any(dim=1))
+    csi = hits / union.clamp_min(1e-6)
+    count = present.sum()
+    mean = (csi * present).sum() / count.clamp_min(1)
+    return torch.where(count > 0, mean, torch.ones_like(mean))
