@@ -14,6 +14,7 @@ from pathlib import Path
 
 from pipeline import config as config_mod
 from pipeline.cli import run_stage, setup_logging, stage_parser
+from pipeline.outputs import check_writable, writing
 from pipeline.sevir.windows import write_windows
 from pipeline.tracking import flatten, numeric_metrics, stage_run
 
@@ -26,9 +27,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     cfg = config_mod.load(args.params)
+    check_writable(cfg.windows.root, "windows.root")  # folders that cannot take files are refused before any read
+    check_writable(args.stats.parent, "--stats")
     with stage_run(cfg, "chunk", ("windows",)) as mlflow:
         mlflow.log_params(flatten("data.split", cfg.data.split))
-        stats = write_windows(cfg.data.root, cfg.windows, cfg.data.split, stats_path=args.stats)
+        with writing(cfg.windows.root, "windows.root"):
+            stats = write_windows(cfg.data.root, cfg.windows, cfg.data.split, stats_path=args.stats)
         mlflow.log_metrics(numeric_metrics(stats))
         mlflow.log_artifact(str(args.stats))
 

@@ -21,7 +21,8 @@ from pipeline.preset import merge
 REPO = Path(__file__).resolve().parents[2]
 
 TINY_MODEL = {"name": "convlstm", "patch_size": 4, "window_size": 2, "depths_down": [1, 1], "depths_up": [1, 1],
-              "heads": [2, 2], "embed_dim": 8, "residual": False, "convlstm": {"hidden": [4], "kernel_size": 3}}  # fmt: skip
+              "heads": [2, 2], "embed_dim": 8, "residual": False, "motion": False,
+              "prior": {"kind": "none"}, "convlstm": {"hidden": [4], "kernel_size": 3}}  # fmt: skip
 
 STAGES: dict[str, list[str]] = {
     "fetch": ["pipeline.fetch"],
