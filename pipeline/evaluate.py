@@ -25,8 +25,8 @@ from pipeline.outputs import OutputSet, check_writable, writing
 from pipeline.scoring import evaluation, reports
 from pipeline.scoring.forecasters import get_method, model_from_checkpoint
 from pipeline.scoring.mlflow_log import log_evaluation, log_model
-from pipeline.tracking import log_windows_inputs, stage_run
 from pipeline.sevir.dataset import check_windows_file
+from pipeline.tracking import log_windows_inputs, stage_run
 from pipeline.training.checkpoint import check_phase, read_checkpoint
 from pipeline.training.loop import cpu_threads
 

@@ -38,8 +38,12 @@ pytestmark = pytest.mark.slow
 
 EPOCHS = 4
 STEPS = 10  # per epoch: long enough that a kill right after an epoch's checkpoint lands inside the next one
-TRAIN = {"train": {"phase1": {"epochs": EPOCHS, "max_steps_per_epoch": STEPS},
-                   "phase2": {"epochs": EPOCHS, "max_steps_per_epoch": STEPS}}}
+TRAIN = {
+    "train": {
+        "phase1": {"epochs": EPOCHS, "max_steps_per_epoch": STEPS},
+        "phase2": {"epochs": EPOCHS, "max_steps_per_epoch": STEPS},
+    }
+}
 TIMING = ("time", "_s", "per_s", "seconds", "gpu_")  # keys whose values are wall or CPU times
 
 
@@ -56,7 +60,7 @@ def _same(a: Any, b: Any, where: str = "") -> None:
             _same(a[k], b[k], f"{where}.{k}")
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b), where
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             _same(x, y, f"{where}[{i}]")
     elif isinstance(a, torch.Tensor):
         assert torch.equal(a, b), where
@@ -149,8 +153,10 @@ def test_each_stage_killed_at_a_random_moment_resumes_to_the_uninterrupted_outpu
         saved_history = torch.load(last, weights_only=True)["history"] if saved_epochs else []
         done_before = _completed(b) if stage == "search" else {}
 
-        print(f"{stage}: killed at {killed_at[stage]:.1f} s of {took[stage]:.1f} s; saved epochs {saved_epochs}, "
-              f"complete trials {sorted(done_before)}")  # shown with pytest -s
+        print(
+            f"{stage}: killed at {killed_at[stage]:.1f} s of {took[stage]:.1f} s; saved epochs {saved_epochs}, "
+            f"complete trials {sorted(done_before)}"
+        )  # shown with pytest -s
         proc = tiny.run_stage(stage, b, code=code)
         assert proc.returncode == 0, f"{stage} rerun after a kill at {killed_at[stage]:.1f} s:\n{proc.stderr[-3000:]}"
         if saved_epochs and saved_epochs < EPOCHS:
