@@ -297,7 +297,9 @@ def main() -> None:
                     elif key == "d":
                         figures["d"] = rate(stage_io(large, work / "stage_io.h5", n_stored))
                     else:
-                        stats, seconds, cpu = chunk_run(work / "large", work / "out", args.chunk_events, args.downsample)
+                        stats, seconds, cpu = chunk_run(
+                            work / "large", work / "out", args.chunk_events, args.downsample
+                        )
                 c, d = figures["c"], figures["d"]
                 b, w = rate((stats["bytes_read"], seconds)), rate((stats["bytes_written"], seconds))
                 for key, value in (("a", a), ("c", c), ("d", d), ("b", b), ("w", w), ("b/a", b / a), ("b/c", b / c),
@@ -329,19 +331,27 @@ def main() -> None:
               f"{median(r['w']):>11.0f} {span['b/a']:>18} {span['b/c']:>18} {span['b/d']:>18} {median(r['cpu']):>7.1f} ms")  # fmt: skip
     print(f"\nbytes written / bytes read: {median(rows['warm']['w/r']):.2f}; the stage's kernels loaded once per "
           f"process in {kernel_load:.2f} s (before the timed runs)")  # fmt: skip
-    print(f"\nchunk loop steps run one after another, ms per event (warm, median of {BREAKDOWN_EVENTS} events); the stage")
-    print(f"maps events on its main thread and runs downsample + to-time-major + stats + write in "
-          f"{windows.prepare_workers(WindowsConfig())} worker threads (windows.workers), all without the GIL:")
+    print(
+        f"\nchunk loop steps run one after another, ms per event (warm, median of {BREAKDOWN_EVENTS} events); the stage"
+    )
+    print(
+        f"maps events on its main thread and runs downsample + to-time-major + stats + write in "
+        f"{windows.prepare_workers(WindowsConfig())} worker threads (windows.workers), all without the GIL:"
+    )
     print(f"  {'step':<27} {'wall':>6} {'CPU':>6}")
     for step in steps["wall"]:
         if "," not in step:
             print(f"  {step:<27} {steps['wall'][step]:6.2f} {steps['cpu'][step]:6.2f}")
-    print(f"  {'total':<27} {sum(v for k, v in steps['wall'].items() if ',' not in k):6.2f} "
-          f"{sum(v for k, v in steps['cpu'].items() if ',' not in k):6.2f}")
+    print(
+        f"  {'total':<27} {sum(v for k, v in steps['wall'].items() if ',' not in k):6.2f} "
+        f"{sum(v for k, v in steps['cpu'].items() if ',' not in k):6.2f}"
+    )
     for new, old in (("map", "read, pread into a buffer"), ("stats", "stats, whole-array passes"),
                      ("to time-major", "to time-major, np.copyto"), ("to time-major", "to time-major, back-to-back frames")):  # fmt: skip
-        print(f"  (baseline {old}: {steps['wall'][old]:.2f} wall, {steps['cpu'][old]:.2f} CPU; "
-              f"the stage's {new} takes {steps['cpu'][new] / steps['cpu'][old]:.2f}x its CPU time)")
+        print(
+            f"  (baseline {old}: {steps['wall'][old]:.2f} wall, {steps['cpu'][old]:.2f} CPU; "
+            f"the stage's {new} takes {steps['cpu'][new] / steps['cpu'][old]:.2f}x its CPU time)"
+        )
     print(f"\n{'file':<22} {'RSS before':>11} {'peak RSS':>10} {'peak - before':>14}")
     for n, peak in peaks.items():
         name = f"{n} events ({n * event_mb:.0f} MB)"

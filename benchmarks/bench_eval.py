@@ -69,8 +69,13 @@ def one_pass(forecasters, windows, in_len, out_len, batch, device, cfg):
     spent = {name: {"forecast": 0.0, "score": 0.0, "score_no_ssim": 0.0} for name in forecasters}
     accs = {name: ScoreAccumulator.from_config(cfg.evaluate, out_len, device) for name in forecasters}
     accs_plain = {
-        name: ScoreAccumulator(thresholds=cfg.evaluate.thresholds, pool_sizes=cfg.evaluate.pool_sizes,
-                               out_len=out_len, ssim=False, device=device)  # fmt: skip
+        name: ScoreAccumulator(
+            thresholds=cfg.evaluate.thresholds,
+            pool_sizes=cfg.evaluate.pool_sizes,
+            out_len=out_len,
+            ssim=False,
+            device=device,
+        )  # fmt: skip
         for name in forecasters
     }
     for i in range(0, len(windows), batch):
@@ -128,7 +133,9 @@ def main() -> None:
 
     n = args.windows
     print()
-    print(f"{'forecaster':<14}{'forecast w/s':>14}{'scoring w/s':>13}{'no-SSIM w/s':>13}{'end-to-end w/s':>16}{'score share':>13}")
+    print(
+        f"{'forecaster':<14}{'forecast w/s':>14}{'scoring w/s':>13}{'no-SSIM w/s':>13}{'end-to-end w/s':>16}{'score share':>13}"
+    )
     for name, s in med.items():
         total = s["forecast"] + s["score"]
         print(f"{name:<14}{n / s['forecast']:>14.1f}{n / s['score']:>13.1f}{n / s['score_no_ssim']:>13.1f}"

@@ -177,7 +177,7 @@ def main() -> None:
         seconds: dict[str, list[float]] = {name: [] for name in names}
         rereads: list[float] = []
         for r in range(args.repeat):
-            for name in names[r % len(names):] + names[: r % len(names)]:  # rotate the order each round
+            for name in names[r % len(names) :] + names[: r % len(names)]:  # rotate the order each round
                 out = work / "out"
                 seconds[name].append(runs[name](out))
                 if name == "single":
@@ -207,7 +207,9 @@ def main() -> None:
           f"{statistics.median(rereads):.2f} s = {statistics.median(rereads) / statistics.median(seconds[single]):.0%} "
           "of the single-stream fetch")  # fmt: skip
     if args.json:
-        args.json.write_text(json.dumps({"mb_per_s": mbs, "seconds": seconds, "reread_s": rereads, "bytes": total}, indent=1))
+        args.json.write_text(
+            json.dumps({"mb_per_s": mbs, "seconds": seconds, "reread_s": rereads, "bytes": total}, indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -246,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="OpenSTL ConvLSTM size: ours (our convlstm's channels, kernel, patch) | config (4x128, 5x5, patch 4)")  # fmt: skip
     ap.add_argument("--lr", type=float, default=5e-4, help="OpenSTL lr (configs/mmnist/ConvLSTM.py: 5e-4)")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override of our params (repeatable)")
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override of our params (repeatable)"
+    )
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--windows", default=str(ROOT / "data" / "windows"), help="folder of train/val/test.h5 (read only)")
     ap.add_argument("--with-flow", action="store_true", help="score optical flow too (~40 s on 2 cores)")
@@ -296,7 +298,9 @@ def main(argv: list[str] | None = None) -> int:
                 "filter_size": cfg.model.convlstm.kernel_size, "patch_size": cfg.model.patch_size}  # fmt: skip
     else:
         arch = {"num_hidden": "128,128,128,128", "filter_size": 5, "patch_size": 4}
-    python = args.python or ("/tmp/openstl-venv/bin/python" if Path("/tmp/openstl-venv/bin/python").exists() else sys.executable)
+    python = args.python or (
+        "/tmp/openstl-venv/bin/python" if Path("/tmp/openstl-venv/bin/python").exists() else sys.executable
+    )
     print(f"torch {torch.__version__} | {os.cpu_count()} CPU cores, {args.threads} torch thread(s) | load average "
           f"{os.getloadavg()[0]:.1f} | N = {args.steps} steps, batch {args.batch}")  # fmt: skip
 

@@ -54,8 +54,11 @@ def main() -> None:
     os.environ["DVC_ROOT"] = str(work)
     os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{work / 'mlflow.db'}"
     base = config.load(args.params)
-    base = apply_overrides(base, {"data.root": str(work / "raw"), "windows.root": str(work / "windows"),
-                                  "search.n_trials": args.trials}, source="bench")
+    base = apply_overrides(
+        base,
+        {"data.root": str(work / "raw"), "windows.root": str(work / "windows"), "search.n_trials": args.trials},
+        source="bench",
+    )
     params = work / "params.yaml"
     import yaml
 
@@ -63,8 +66,10 @@ def main() -> None:
     t0 = time.perf_counter()
     fetch.main(["--params", str(params)])
     chunk.main(["--params", str(params), "--stats", str(work / "chunk_stats.json")])
-    print(f"sample: fetch + chunk in {time.perf_counter() - t0:.1f} s ({base.data.synthetic.n_events} events, "
-          f"{base.data.synthetic.size} px) under {work}")
+    print(
+        f"sample: fetch + chunk in {time.perf_counter() - t0:.1f} s ({base.data.synthetic.n_events} events, "
+        f"{base.data.synthetic.size} px) under {work}"
+    )
 
     client = MlflowClient()
     exp_id = client.create_experiment("bench-search")
@@ -72,7 +77,9 @@ def main() -> None:
 
     def run_study(name: str, objective, n: int) -> tuple[optuna.Study, float, list[float]]:
         search = apply_overrides(base, {"search.n_trials": n}, source="bench").search
-        storage = optuna.storages.JournalStorage(optuna.storages.journal.JournalFileBackend(str(work / f"{name}.journal")))
+        storage = optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(work / f"{name}.journal"))
+        )
         study = study_mod.create_or_load(base, storage, name, name=name)
         walls: list[float] = []
 
@@ -88,12 +95,16 @@ def main() -> None:
     study, total, walls = run_study("real", Phase1Objective(base, work / "trials", tracker), args.trials)
     train = [t.user_attrs.get("train_seconds") for t in study.trials]
     states = [t.state.name for t in study.trials]
-    print(f"\n(a) {args.trials} trials of the default space, {base.search.epochs} epoch(s) x "
-          f"{base.search.max_steps_per_epoch} steps, {args.threads} threads: {total:.1f} s")
+    print(
+        f"\n(a) {args.trials} trials of the default space, {base.search.epochs} epoch(s) x "
+        f"{base.search.max_steps_per_epoch} steps, {args.threads} threads: {total:.1f} s"
+    )
     print(f"{'trial':>5} {'state':>9} {'wall s':>8} {'fit s':>8} {'study s':>8}")
     for t, wall, fit_s in zip(study.trials, walls, train, strict=False):
-        print(f"{t.number:>5} {t.state.name:>9} {wall:>8.2f} {fit_s if fit_s is not None else float('nan'):>8.2f} "
-              f"{(wall - fit_s) if fit_s is not None else float('nan'):>8.2f}")
+        print(
+            f"{t.number:>5} {t.state.name:>9} {wall:>8.2f} {fit_s if fit_s is not None else float('nan'):>8.2f} "
+            f"{(wall - fit_s) if fit_s is not None else float('nan'):>8.2f}"
+        )
     per_hour = 3600 * args.trials / total
     done = [(w, f) for w, f in zip(walls, train, strict=False) if f is not None]
 
@@ -108,21 +119,36 @@ def main() -> None:
 
     _, empty_total, empty_walls = run_study("empty", empty, args.empty)
     per_trial_overhead = empty_total / args.empty
-    print(f"\n(b) the study machinery alone: {args.empty} trials in {empty_total:.2f} s = "
-          f"{1000 * per_trial_overhead:.0f} ms per trial (median trial {1000 * statistics.median(empty_walls):.0f} ms)")
-    result = {"trials": args.trials, "states": states, "total_s": total, "trials_per_hour": per_hour,
-              "overhead_per_trial_s": per_trial_overhead}
+    print(
+        f"\n(b) the study machinery alone: {args.empty} trials in {empty_total:.2f} s = "
+        f"{1000 * per_trial_overhead:.0f} ms per trial (median trial {1000 * statistics.median(empty_walls):.0f} ms)"
+    )
+    result = {
+        "trials": args.trials,
+        "states": states,
+        "total_s": total,
+        "trials_per_hour": per_hour,
+        "overhead_per_trial_s": per_trial_overhead,
+    }
     if done:
         fit_mean = statistics.mean(f for _, f in done)
         wall_mean = statistics.mean(w for w, _ in done)
-        result.update(fit_mean_s=fit_mean, wall_mean_s=wall_mean,
-                      overhead_ratio=per_trial_overhead / fit_mean, inside_trial_share=(wall_mean - fit_mean) / wall_mean)
+        result.update(
+            fit_mean_s=fit_mean,
+            wall_mean_s=wall_mean,
+            overhead_ratio=per_trial_overhead / fit_mean,
+            inside_trial_share=(wall_mean - fit_mean) / wall_mean,
+        )
         print(f"\ntrials per hour (2 cores, default sample): {per_hour:.0f}")
         print(f"training time per completed trial: {fit_mean:.1f} s; trial wall {wall_mean:.1f} s")
-        print(f"study overhead per trial / training time per trial: {per_trial_overhead / fit_mean:.4f} "
-              f"({1000 * per_trial_overhead:.0f} ms vs {fit_mean:.1f} s)")
-        print(f"share of a trial's wall time outside fit (config, MLflow run, heartbeat, cleanup): "
-              f"{100 * (wall_mean - fit_mean) / wall_mean:.1f} %")
+        print(
+            f"study overhead per trial / training time per trial: {per_trial_overhead / fit_mean:.4f} "
+            f"({1000 * per_trial_overhead:.0f} ms vs {fit_mean:.1f} s)"
+        )
+        print(
+            f"share of a trial's wall time outside fit (config, MLflow run, heartbeat, cleanup): "
+            f"{100 * (wall_mean - fit_mean) / wall_mean:.1f} %"
+        )
     else:
         print(f"\nno trial completed: {states}")
     if args.json:

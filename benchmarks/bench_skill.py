@@ -255,15 +255,21 @@ def plot(path: Path, rows: list[dict[str, Any]], baselines: dict[str, dict[str, 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", default=",".join(MODELS), help=f"comma-separated model.name values (default: {','.join(MODELS)})")
-    ap.add_argument("--budgets", default=None, help="comma-separated wall budgets in seconds (default 60,180,600; --quick 20,60)")
+    ap.add_argument(
+        "--models", default=",".join(MODELS), help=f"comma-separated model.name values (default: {','.join(MODELS)})"
+    )
+    ap.add_argument(
+        "--budgets", default=None, help="comma-separated wall budgets in seconds (default 60,180,600; --quick 20,60)"
+    )
     ap.add_argument("--quick", action="store_true", help="budgets 20,60 and 2 calibration steps")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="params override (repeatable)")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--windows", default=str(ROOT / "data" / "windows"), help="folder of train/val/test.h5 (read only)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (train.threads and scoring)")
     ap.add_argument("--device", default="cpu", choices=("cpu", "auto", "cuda"), help="train.device (scoring is on CPU)")
-    ap.add_argument("--calib-steps", type=int, default=None, help="steps per phase of the calibration run (default 3; --quick 2)")
+    ap.add_argument(
+        "--calib-steps", type=int, default=None, help="steps per phase of the calibration run (default 3; --quick 2)"
+    )
     ap.add_argument("--out", default="/tmp/bench_skill", help="folder for skill.json and skill_curve.png")
     args = ap.parse_args(argv)
     budgets = [float(b) for b in (args.budgets or ("20,60" if args.quick else "60,180,600")).split(",") if b]

@@ -203,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     B = args.batch
 
     def line(label: str, wall: float, cpu: float) -> None:
-        print(f"{label:<40}: {wall * 1000:8.1f} ms/batch wall ({B / wall:6.2f} samples/s) | "
-              f"{cpu * 1000:8.1f} ms/batch CPU ({B / cpu:6.2f} samples/s)")
+        print(
+            f"{label:<40}: {wall * 1000:8.1f} ms/batch wall ({B / wall:6.2f} samples/s) | "
+            f"{cpu * 1000:8.1f} ms/batch CPU ({B / cpu:6.2f} samples/s)"
+        )
 
     print()
     if bm is not None:

@@ -334,8 +334,8 @@ class PatchEmbed(nn.Module):
         """Initialise as the p x p stride-p ``nn.Conv2d`` this stands for (PyTorch's default, as in Swin).
 
         Weights and bias ~ U(+-1/sqrt(C_in p^2)): the bias makes the token of an all-zero patch a
-        non-constant vector. This is the root fix of the non-finite gradients on zero-dominant VIL
-        (issue 6): with a zero bias (the Swin init of a Linear) an all-zero patch gave an exactly zero
+        non-constant vector. This is the root fix of the non-finite gradients on zero-dominant VIL:
+        with a zero bias (the Swin init of a Linear) an all-zero patch gave an exactly zero
         token, every later Linear (zero bias) and LayerNorm (beta 0) kept it exactly zero, and the
         gradient of LayerNorm at an exactly constant input is 1/sqrt(eps) ~ 316 times its output's, so a
         chain of some 30 of them overflowed float32. A non-degenerate token at the entry breaks the

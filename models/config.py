@@ -122,11 +122,15 @@ class ModelConfig(_Section):
         if len(self.heads) != len(self.depths_down):
             raise ValueError("model.heads needs one entry per stage, as many as model.depths_down")
         if self.motion and not self.residual:
-            raise ValueError("model.motion = true needs model.residual = true (the change is added to the advected "
-                             "frame); set model.residual: true or model.motion: false")
+            raise ValueError(
+                "model.motion = true needs model.residual = true (the change is added to the advected "
+                "frame); set model.residual: true or model.motion: false"
+            )
         if self.prior.kind != "none" and not self.motion:
-            raise ValueError(f"model.prior.kind = {self.prior.kind} needs model.motion = true (the prior is the flow "
-                             "the forecast is advected by); set model.motion: true or model.prior.kind: none")
+            raise ValueError(
+                f"model.prior.kind = {self.prior.kind} needs model.motion = true (the prior is the flow "
+                "the forecast is advected by); set model.motion: true or model.prior.kind: none"
+            )
         if self.name == "convlstm":
             if self.convlstm.kernel_size % 2 == 0:
                 raise ValueError(f"model.convlstm.kernel_size = {self.convlstm.kernel_size} must be odd")

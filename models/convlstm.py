@@ -73,7 +73,9 @@ class ConvLSTM(Forecaster):
         )
         # model.motion: the flow head (below) draws the forecast instead; no pixel head
         self.head = None if cfg.motion else nn.Conv2d(sum(hidden), folded, kernel_size=1)
-        if self.head is not None and cfg.residual:  # model.residual: the head outputs a change to the last input frame, 0 at the start
+        if (
+            self.head is not None and cfg.residual
+        ):  # model.residual: the head outputs a change to the last input frame, 0 at the start
             nn.init.zeros_(self.head.weight)
             nn.init.zeros_(self.head.bias)
         # model.motion: a flow per forecast step from the stacked hidden states (zero at the start)

@@ -123,8 +123,16 @@ class MotionPrior(nn.Module):
     Its only parameter is the sharpness; the network's own flow (:class:`FlowHead`) is added to it.
     """
 
-    def __init__(self, pool: int = 4, radius: int = 4, lag: int = 2, pairs: int = 3, smooth: int = 7,
-                 patch: int = 5, sharpness: float = 50.0) -> None:
+    def __init__(
+        self,
+        pool: int = 4,
+        radius: int = 4,
+        lag: int = 2,
+        pairs: int = 3,
+        smooth: int = 7,
+        patch: int = 5,
+        sharpness: float = 50.0,
+    ) -> None:
         super().__init__()
         self.pool, self.radius, self.lag, self.pairs, self.smooth = pool, radius, lag, pairs, smooth
         side = 2 * radius + 1

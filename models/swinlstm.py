@@ -84,8 +84,11 @@ class SwinLSTMD(nn.Module):
         self.up = nn.ModuleList(cell(D * 2 ** (S - j), cfg.depths_up[j], cfg.heads[S - 1 - j]) for j in range(S))
         self.expand = nn.ModuleList(PatchExpanding(D * 2 ** (S - j)) for j in range(S))
         # model.motion: the flow head (below) draws the forecast instead; no pixel head
-        self.head = None if cfg.motion else PixelHead(D, cfg.in_channels, cfg.patch_size,
-                                                      sigmoid=cfg.head == "sigmoid", residual=cfg.residual)
+        self.head = (
+            None
+            if cfg.motion
+            else PixelHead(D, cfg.in_channels, cfg.patch_size, sigmoid=cfg.head == "sigmoid", residual=cfg.residual)
+        )
         self.apply(_init_weights)
         self.deep_fusion = deep_fusion  # after init: it keeps its own initialisation
         # model.motion: a flow per forecast step from the head's tokens (zero at the start, see models.motion)

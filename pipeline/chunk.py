@@ -18,7 +18,9 @@ from pipeline.outputs import check_writable, writing
 from pipeline.sevir.windows import write_windows
 from pipeline.tracking import flatten, numeric_metrics, stage_run
 
-STATS_PATH = Path("reports/data/chunk_stats.json")  # a plain report (not DVC metrics: dvc exp show leads with scores); also in MLflow
+STATS_PATH = Path(
+    "reports/data/chunk_stats.json"
+)  # a plain report (not DVC metrics: dvc exp show leads with scores); also in MLflow
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -35,7 +37,6 @@ def main(argv: list[str] | None = None) -> None:
             stats = write_windows(cfg.data.root, cfg.windows, cfg.data.split, stats_path=args.stats)
         mlflow.log_metrics(numeric_metrics(stats))
         mlflow.log_artifact(str(args.stats))
-
 
 
 if __name__ == "__main__":

@@ -65,7 +65,9 @@ class S3Source(Section):
     retries: NonNegInt = 5
     backoff_s: NonNegFloat = 1.0
     part_size_mb: PositiveInt = 16
-    concurrency: Annotated[int, Field(ge=1, le=64)] = 4  # connections at once: files in flight, else ranged parts of one
+    concurrency: Annotated[int, Field(ge=1, le=64)] = (
+        4  # connections at once: files in flight, else ranged parts of one
+    )
 
 
 class LocalSource(Section):
@@ -86,7 +88,9 @@ class LocalSource(Section):
         if self.data_prefix is not None:
             parts = self.data_prefix.replace("\\", "/").split("/")
             if self.data_prefix.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
-                raise ValueError(f"data.local.data_prefix must be a folder under data.local.path (got {self.data_prefix!r})")
+                raise ValueError(
+                    f"data.local.data_prefix must be a folder under data.local.path (got {self.data_prefix!r})"
+                )
         return self
 
 
@@ -95,7 +99,9 @@ class SplitConfig(Section):
     :func:`pipeline.sevir.windows.assign_splits`."""
 
     train_end: dt.datetime = dt.datetime(2019, 1, 1)  # train: last frame < train_end
-    val_end: dt.datetime = dt.datetime(2019, 6, 1)  # val: first frame >= train_end, last < val_end; test: first >= val_end
+    val_end: dt.datetime = dt.datetime(
+        2019, 6, 1
+    )  # val: first frame >= train_end, last < val_end; test: first >= val_end
 
     @model_validator(mode="after")
     def _ordered(self) -> SplitConfig:
@@ -137,7 +143,9 @@ class WindowsConfig(Section):
     downsample: PositiveInt = 1  # spatial factor, e.g. 3 turns 384x384 into 128x128
     root: Path = Path("data/windows")
     chunk_events: PositiveInt = 1  # events read from h5 at once (bounds memory)
-    workers: Annotated[int, Field(ge=1, le=64)] | None = None  # threads preparing and writing events; None = CPUs, 2 to 4
+    workers: Annotated[int, Field(ge=1, le=64)] | None = (
+        None  # threads preparing and writing events; None = CPUs, 2 to 4
+    )
 
     @property
     def window_len(self) -> int:
@@ -155,7 +163,11 @@ class WindowsConfig(Section):
     @model_validator(mode="after")
     def _fits(self) -> WindowsConfig:
         n, step = self.event_frames, self.frame_step
-        of = f"the {n} frames a SEVIR event has at windows.frame_step = {step}" if step > 1 else "the 49 frames of a SEVIR event"
+        of = (
+            f"the {n} frames a SEVIR event has at windows.frame_step = {step}"
+            if step > 1
+            else "the 49 frames of a SEVIR event"
+        )
         if self.window_len > n:
             raise ValueError(f"windows.in_len + windows.out_len = {self.window_len} exceeds {of}")
         if self.memory_len is not None and not self.window_len <= self.memory_len <= n:
@@ -251,7 +263,9 @@ class AugmentConfig(Section):
 
 class TrainConfig(Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto = cuda when available
-    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto = bf16 on CUDA (fp16 if unsupported), fp32 on CPU
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = (
+        "auto"  # auto = bf16 on CUDA (fp16 if unsupported), fp32 on CPU
+    )
     compile: bool = False  # torch.compile the model
     batch_size: PositiveInt | Literal["auto"] = 4  # per process; auto (CUDA): the largest that fits, found by trying
     max_batch_size: PositiveInt = 256  # upper bound of the auto search
@@ -260,8 +274,12 @@ class TrainConfig(Section):
     nproc_per_node: PositiveInt = 1  # > 1: the stage launches this many DDP workers (torch.distributed.run)
     seed: NonNegInt = 0
     checkpoint_dir: Path = Path("artifacts")  # phase{1,2}/{last,best}.pt
-    val_max_batches: NonNegInt = 0  # cap: this many batches' worth of val windows, evenly spaced over the split; 0 = all
-    val_max_windows: NonNegInt = 0  # cap in windows (the search sets it: the same subset whatever the batch size); 0 = val_max_batches
+    val_max_batches: NonNegInt = (
+        0  # cap: this many batches' worth of val windows, evenly spaced over the split; 0 = all
+    )
+    val_max_windows: NonNegInt = (
+        0  # cap in windows (the search sets it: the same subset whatever the batch size); 0 = val_max_batches
+    )
     log_every: PositiveInt = 10  # steps between progress-bar refreshes (and non-finite checks)
     oversample: OversampleConfig = OversampleConfig()
     augment: AugmentConfig = AugmentConfig()
@@ -490,8 +508,7 @@ class Config(Section):
         raw = self.data.synthetic.size if self.data.source == "synthetic" else 384
         if raw % self.windows.downsample:
             raise ValueError(
-                f"windows.downsample = {self.windows.downsample} does not divide the frame size {raw}; "
-                "pick a divisor"
+                f"windows.downsample = {self.windows.downsample} does not divide the frame size {raw}; pick a divisor"
             )
         return raw // self.windows.downsample
 

@@ -1,6 +1,6 @@
 """optuna-dashboard on the search stage's study storage (journal file or RDB URL).
 
-    python -m pipeline.dashboard [--params params.yaml] [--host 127.0.0.1] [--port 8080]    (make dashboard)
+python -m pipeline.dashboard [--params params.yaml] [--host 127.0.0.1] [--port 8080]    (make dashboard)
 """
 
 from __future__ import annotations
@@ -21,12 +21,17 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_mod.load(args.params)
     journal = project_root() / study_mod.DEFAULT_JOURNAL
     if not cfg.search.storage and not journal.exists():
-        raise PipelineError(f"search.storage: no study yet ({journal} does not exist); run `dvc repro search/dvc.yaml` (make search) first")
+        raise PipelineError(
+            f"search.storage: no study yet ({journal} does not exist); run `dvc repro search/dvc.yaml` (make search) first"
+        )
     storage = study_mod.open_storage(cfg.search, journal)
     from optuna_dashboard import run_server
 
-    print(f"optuna-dashboard on {study_mod.describe_storage(cfg.search.storage, journal)}: "
-          f"http://{args.host}:{args.port}/dashboard/studies  (study of these params: {study_mod.study_name(cfg)})", flush=True)
+    print(
+        f"optuna-dashboard on {study_mod.describe_storage(cfg.search.storage, journal)}: "
+        f"http://{args.host}:{args.port}/dashboard/studies  (study of these params: {study_mod.study_name(cfg)})",
+        flush=True,
+    )
     run_server(storage, host=args.host, port=args.port)
 
 

@@ -45,7 +45,9 @@ def resolve_device(device: str, precision: str) -> tuple[torch.device, str]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = stage_parser(__doc__.splitlines()[0])
-    parser.add_argument("--split", choices=["val", "test"], default=None, help="windows scored (default: evaluate.split)")
+    parser.add_argument(
+        "--split", choices=["val", "test"], default=None, help="windows scored (default: evaluate.split)"
+    )
     parser.add_argument("--checkpoint", type=Path, default=None,
                         help="checkpoint (default: <train.checkpoint_dir>/phase2/best.pt)")  # fmt: skip
     args = parser.parse_args(argv)
@@ -59,7 +61,9 @@ def main(argv: list[str] | None = None) -> None:
 
     out = cfg.evaluate.reports_dir
     # the stage's outputs, replaced as one set (metrics.json last: DVC's metrics appear with the rest)
-    outputs = OutputSet(out, ["per_lead", "plots", "summary.md", "scores.json", "metrics.json"], "evaluate", "evaluate.reports_dir")
+    outputs = OutputSet(
+        out, ["per_lead", "plots", "summary.md", "scores.json", "metrics.json"], "evaluate", "evaluate.reports_dir"
+    )
     with writing(out, "evaluate.reports_dir"):
         outputs.recover()  # a set a killed run committed is finished before anything else
     check_writable(out, "evaluate.reports_dir")
@@ -84,7 +88,9 @@ def main(argv: list[str] | None = None) -> None:
         result = evaluation.evaluate(dataset, forecasters, cfg.evaluate, device=device,
                                      num_workers=cfg.train.num_workers)  # fmt: skip
         if result.scores["model"]["mse"] is None:
-            raise PipelineError(f"{ckpt_path}: the model forecasts NaN or inf on the {split} split; retrain (dvc repro train_phase2)")
+            raise PipelineError(
+                f"{ckpt_path}: the model forecasts NaN or inf on the {split} split; retrain (dvc repro train_phase2)"
+            )
         doc = reports.metrics_document(result.scores, result.windows)
         tables = reports.per_lead_tables(result.scores, frame_minutes=minutes)
         examples = evaluation.forecast_examples(dataset, forecasters, result.examples, device=device)
@@ -102,7 +108,9 @@ def main(argv: list[str] | None = None) -> None:
         placed = [out / Path(p).relative_to(staged) for p in [*csvs, *pngs, *([gallery] if gallery else [])]]
         metrics_path, scores_path, summary = out / "metrics.json", out / "scores.json", out / "summary.md"
         try:  # the reports are on disk: a tracking store that cannot take them costs a warning
-            log_evaluation(mlflow, doc, tables, split, files=[metrics_path, scores_path, summary, *placed], reports_dir=out)
+            log_evaluation(
+                mlflow, doc, tables, split, files=[metrics_path, scores_path, summary, *placed], reports_dir=out
+            )
             # the windows as dataset inputs, the phase-2 weights as the registered MLflow model of this run
             digests = log_windows_inputs(mlflow, cfg.windows.root, ("train", "val", "test"))
             log_model(mlflow, forecasters["model"].model, ckpt["model_config"], ckpt["data"], minutes, doc, split,

@@ -29,7 +29,10 @@ def fetch(cfg: Config) -> pd.DataFrame:
     data = cfg.data
     log.info("fetch: source=%s -> %s", data.source, data.root)
     check_writable(Path(data.root).parent, "data.root")  # before any download or generation
-    with writing(data.root, "data.root"), sevir.exclusive_lock(Path(data.root), data.lock_wait_s, what="fetch"):  # one fetch per root at a time
+    with (
+        writing(data.root, "data.root"),
+        sevir.exclusive_lock(Path(data.root), data.lock_wait_s, what="fetch"),
+    ):  # one fetch per root at a time
         if data.source == "synthetic":
             from pipeline.sevir.synthetic import generate
 
@@ -55,7 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     with stage_run(cfg, "fetch", ("data",)) as mlflow:
         catalog = fetch(cfg)
         vil = sevir.vil_rows(catalog)
-        mlflow.log_metrics({"catalog_rows": len(catalog), "vil_events": len(vil), "vil_files": vil["file_name"].nunique()})
+        mlflow.log_metrics(
+            {"catalog_rows": len(catalog), "vil_events": len(vil), "vil_files": vil["file_name"].nunique()}
+        )
 
 
 if __name__ == "__main__":

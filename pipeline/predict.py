@@ -90,7 +90,9 @@ def _catalog_event(event_id: str, catalog_path: Path) -> np.ndarray:
     rows = sevir.vil_rows(catalog)
     found = rows[rows["id"].astype(str) == str(event_id)]
     if found.empty:
-        raise DataError(f"{catalog_path}: no VIL event with id {event_id!r}; fix --event-id (ids are the catalog's id column)")
+        raise DataError(
+            f"{catalog_path}: no VIL event with id {event_id!r}; fix --event-id (ids are the catalog's id column)"
+        )
     row = found.iloc[0]
     path = sevir.safe_join(sevir.data_root_of(catalog_path.parent), str(row["file_name"]))
     if not path.is_file():
@@ -144,7 +146,9 @@ def as_frames(x: np.ndarray, what: str) -> np.ndarray:
     return x.astype(np.uint8)
 
 
-def prepare(frames: np.ndarray, data: dict[str, int], what: str, frame_step: int = 1, downsample: int = 1) -> np.ndarray:
+def prepare(
+    frames: np.ndarray, data: dict[str, int], what: str, frame_step: int = 1, downsample: int = 1
+) -> np.ndarray:
     """The model's input (in_len, H, W) uint8: every ``frame_step``-th frame, downsampled by ``downsample`` when
     that gives the model's size, the last ``in_len`` frames. Other sizes or too few frames are a DataError."""
     frames = frames[::frame_step] if frame_step > 1 else frames
@@ -162,7 +166,7 @@ def prepare(frames: np.ndarray, data: dict[str, int], what: str, frame_step: int
     if t < data["in_len"]:
         raise DataError(f"{what}: {t} frames{f' (every {frame_step}th kept)' if frame_step > 1 else ''} but the model "
                         f"needs {data['in_len']} input frames; pass a longer sequence")  # fmt: skip
-    return np.ascontiguousarray(frames[-data["in_len"]:])
+    return np.ascontiguousarray(frames[-data["in_len"] :])
 
 
 # ----------------------------------------------------------------------------------- outputs

@@ -67,11 +67,14 @@ def main(argv: list[str] | None = None) -> None:
 
     if args.worker:
         with writing(desc, "search.storage"):  # a journal on a full disk: one line naming the storage
-            study = study_mod.create_or_load(cfg, storage, desc, name=name, create=False,
-                                             worker_seed=study_mod.worker_seed(cfg.search))
+            study = study_mod.create_or_load(
+                cfg, storage, desc, name=name, create=False, worker_seed=study_mod.worker_seed(cfg.search)
+            )
         tracker = _tracker_for_worker(cfg, study)
         with study_mod.quiet_optuna(), writing(desc, "search.storage"):
-            ran = study_mod.StudyRunner(study, cfg.search, Phase1Objective(cfg, workdir / "trials", tracker), lock).run()
+            ran = study_mod.StudyRunner(
+                study, cfg.search, Phase1Objective(cfg, workdir / "trials", tracker), lock
+            ).run()
         log.info("worker %s ran trials %s of study '%s'", study_mod.worker_id(), ran or "none", name)
         return
 
@@ -88,8 +91,13 @@ def main(argv: list[str] | None = None) -> None:
                 study.set_user_attr("mlflow_run_id", run.info.run_id)
                 study.set_user_attr("mlflow_experiment_id", run.info.experiment_id)
                 tracker = TrialTracker(MlflowClient(), run.info.experiment_id, run.info.run_id, name)
-        log.info("study '%s' in %s: %d trials stored, running to %d", name, desc, len(study.trials), cfg.search.n_trials)
-        log.info("extra workers: python -m pipeline.search --worker%s", f" --storage '{cfg.search.storage}'" if cfg.search.storage else "")
+        log.info(
+            "study '%s' in %s: %d trials stored, running to %d", name, desc, len(study.trials), cfg.search.n_trials
+        )
+        log.info(
+            "extra workers: python -m pipeline.search --worker%s",
+            f" --storage '{cfg.search.storage}'" if cfg.search.storage else "",
+        )
         with study_mod.quiet_optuna(), writing(desc, "search.storage"):
             study_mod.StudyRunner(study, cfg.search, Phase1Objective(cfg, workdir / "trials", tracker), lock).run()
         out = args.out

@@ -65,7 +65,7 @@ def tracking_uri(uri: str | None) -> str:
     """``tracking.uri`` if set, else ``$MLFLOW_TRACKING_URI``, else ``sqlite:///<root>/mlflow.db``."""
     if uri:
         if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
-            return f"sqlite:///{project_root() / uri[len('sqlite:///'):]}"
+            return f"sqlite:///{project_root() / uri[len('sqlite:///') :]}"
         return uri
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
@@ -135,7 +135,9 @@ def check_store_url(uri: str, key: str, *, connect_timeout_s: float = 5.0) -> No
             pass
     except (SQLAlchemyError, OSError) as err:
         first = str(getattr(err, "orig", None) or err).strip().splitlines()[0]
-        raise PipelineError(f"{key} = {shown}: database not reachable ({first}); start the server or fix {key}") from None
+        raise PipelineError(
+            f"{key} = {shown}: database not reachable ({first}); start the server or fix {key}"
+        ) from None
     except Exception as err:  # noqa: BLE001 - a malformed URL raises plain ArgumentError/ValueError
         raise PipelineError(f"{key} = {shown}: not a usable database URL ({err}); fix {key}") from None
 
@@ -143,7 +145,7 @@ def check_store_url(uri: str, key: str, *, connect_timeout_s: float = 5.0) -> No
 def _sqlite_path(uri: str) -> Path | None:
     if not uri.startswith("sqlite:///"):
         return None
-    raw = uri[len("sqlite:///"):].split("?", 1)[0]
+    raw = uri[len("sqlite:///") :].split("?", 1)[0]
     return Path(raw) if raw and raw != ":memory:" else None
 
 
@@ -219,7 +221,9 @@ def _experiment_id(client: Any, name: str) -> str:
     if exp is None:
         try:
             return client.create_experiment(
-                name, artifact_location=(project_root() / "mlruns").as_uri(), tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND}
+                name,
+                artifact_location=(project_root() / "mlruns").as_uri(),
+                tags={EXPERIMENT_KIND_TAG: EXPERIMENT_KIND},
             )
         except mlflow.exceptions.MlflowException:  # another stage process created it first
             exp = client.get_experiment_by_name(name)
@@ -378,7 +382,11 @@ def log_windows_inputs(mlflow: Any, windows_root: Path, splits: tuple[str, ...])
     """Log ``<windows_root>/<split>.h5`` of each of ``splits`` as a dataset input of the active run
     (context training / validation / test); returns ``{split: digest}``. Missing files are skipped;
     a no-op without an active run (tracking off)."""
-    if not hasattr(mlflow, "active_run") or not callable(getattr(mlflow, "log_input", None)) or mlflow.active_run() is None:
+    if (
+        not hasattr(mlflow, "active_run")
+        or not callable(getattr(mlflow, "log_input", None))
+        or mlflow.active_run() is None
+    ):
         return {}
     digests: dict[str, str] = {}
     for split in splits:
@@ -412,7 +420,9 @@ def ensure_experiment(cfg: Config) -> tuple[str, str]:
             _enable_wal(uri)
     except (mlflow.exceptions.MlflowException, OSError, SQLAlchemyError, ImportError) as err:
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise PipelineError(f"tracking.uri = {redact(shown_uri)}: MLflow store not usable ({first}); fix tracking.uri or MLFLOW_TRACKING_URI") from None
+        raise PipelineError(
+            f"tracking.uri = {redact(shown_uri)}: MLflow store not usable ({first}); fix tracking.uri or MLFLOW_TRACKING_URI"
+        ) from None
     return uri, experiment_id
 
 
@@ -461,7 +471,10 @@ def stage_run(cfg: Config, stage: str, sections: tuple[str, ...] = ()) -> Iterat
     status = "FAILED"
     try:
         with mlflow.start_run(
-            experiment_id=experiment_id, run_name=stage, parent_run_id=parent, tags=tags,
+            experiment_id=experiment_id,
+            run_name=stage,
+            parent_run_id=parent,
+            tags=tags,
             log_system_metrics=cfg.tracking.log_system_metrics,
         ) as run:
             params: dict[str, str] = {}
@@ -469,7 +482,9 @@ def stage_run(cfg: Config, stage: str, sections: tuple[str, ...] = ()) -> Iterat
                 params.update(flatten(section, getattr(cfg, section)))
             if params:
                 mlflow.log_params(params)
-            log.info("mlflow: run %s (%s) under parent %s at %s", run.info.run_id[:8], stage, parent[:8], redact(shown_uri))
+            log.info(
+                "mlflow: run %s (%s) under parent %s at %s", run.info.run_id[:8], stage, parent[:8], redact(shown_uri)
+            )
             log.info("mlflow: runs table %s", runs_table_url("http://127.0.0.1:5000", experiment_id))
             yield mlflow
         status = "FINISHED"

@@ -86,7 +86,12 @@ def main(argv: list[str] | None = None) -> None:
             except OutputError:
                 _drop_partial(out_dir)  # last.pt / best.pt of the epochs before are kept
                 raise
-            names = [f"{stage}_curve.csv", f"{stage}_steps.csv", f"{stage}_loss.png", f"{stage}.json"]  # json (DVC) last
+            names = [
+                f"{stage}_curve.csv",
+                f"{stage}_steps.csv",
+                f"{stage}_loss.png",
+                f"{stage}.json",
+            ]  # json (DVC) last
             with OutputSet(args.reports, names, stage, "--reports") as staged:  # the four replaced together
                 staged_paths = write_reports(result, args.phase, staged, stage_seconds=time.perf_counter() - start)
             paths = {key: args.reports / path.name for key, path in staged_paths.items()}

@@ -28,9 +28,20 @@ def main(argv: list[str] | None = None) -> None:
     cfg = config_mod.load(args.params)
     uri, experiment_id = ensure_experiment(cfg)
     shown = "localhost" if args.host in ("127.0.0.1", "0.0.0.0") else args.host
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", uri,
-           "--host", args.host, "--port", str(args.port)]
-    print(f"MLflow runs table ({cfg.tracking.experiment}): {runs_table_url(f'http://{shown}:{args.port}', experiment_id)}", flush=True)
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    print(
+        f"MLflow runs table ({cfg.tracking.experiment}): {runs_table_url(f'http://{shown}:{args.port}', experiment_id)}",
+        flush=True,
+    )
     if args.dry_run:
         print(" ".join(cmd))
         return

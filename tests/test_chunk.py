@@ -477,7 +477,9 @@ def test_reads_at_most_chunk_events_events_per_call_in_file_order(sample, tmp_pa
 def test_more_workers_write_the_same_files_and_stats(sample, tmp_path, workers):
     one = run(sample, tmp_path / "one", workers=1)
     many = run(sample, tmp_path / "many", workers=workers)
-    assert {k: v for k, v in one.items() if k != "bytes_written"} == {k: v for k, v in many.items() if k != "bytes_written"}
+    assert {k: v for k, v in one.items() if k != "bytes_written"} == {
+        k: v for k, v in many.items() if k != "bytes_written"
+    }
     for split in windows.SPLITS:
         a, b = read_split(tmp_path / "one", split), read_split(tmp_path / "many", split)
         for name in ("vil", "event_id", "frame_offset", "window_event", "window_start"):
@@ -501,9 +503,13 @@ def test_plain_bytes_and_hdf5_reads_agree(sample, tmp_path):
     with sevir.VilFile(sample.raw / FILE_2019) as f:
         assert f.contiguous() is None
     chunked = run(sample, tmp_path / "chunked")
-    assert {k: v for k, v in plain.items() if k != "bytes_written"} == {k: v for k, v in chunked.items() if k != "bytes_written"}
+    assert {k: v for k, v in plain.items() if k != "bytes_written"} == {
+        k: v for k, v in chunked.items() if k != "bytes_written"
+    }
     for split in windows.SPLITS:
-        np.testing.assert_array_equal(read_split(tmp_path / "plain", split)["vil"], read_split(tmp_path / "chunked", split)["vil"])
+        np.testing.assert_array_equal(
+            read_split(tmp_path / "plain", split)["vil"], read_split(tmp_path / "chunked", split)["vil"]
+        )
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="needs /proc/self/maps (Linux)")
@@ -556,7 +562,9 @@ def test_a_plain_file_cut_short_after_it_was_opened_is_an_error_not_a_crash(samp
     with sevir.VilFile(path) as vil:
         offset = vil.contiguous()[1]
         os.truncate(path, offset + vil.vil.nbytes // 2)
-        with pytest.raises(DataError, match=r"file ends at byte \d+, the events end at byte \d+\); the file is corrupt"):
+        with pytest.raises(
+            DataError, match=r"file ends at byte \d+, the events end at byte \d+\); the file is corrupt"
+        ):
             windows.read_block(vil, 0, vil.n_events, np.empty(vil.vil.nbytes, np.uint8))
         np.testing.assert_array_equal(windows.read_block(vil, 0, 1, np.empty(0, np.uint8))[0], sample.vil["S6"])
 

@@ -87,7 +87,10 @@ def test_stage_cli_prints_one_line_and_exits_nonzero(write_params):
     path = write_params({"windows": {"stride": 0}})
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.fetch", "--params", str(path)],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()

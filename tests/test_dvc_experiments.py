@@ -42,19 +42,30 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 900) -> str:
 
 
 def _git(cwd: Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", *args], cwd=cwd, check=True, capture_output=True
+    )
 
 
 TINY = {
     "data": {"synthetic": {"n_events": 12, "events_per_file": 6}},
     "model": {"embed_dim": 16, "memory": {"slots": 8, "dim": 16}},
-    "train": {"batch_size": 2, "val_max_batches": 1,
-              "phase1": {"epochs": 1, "max_steps_per_epoch": 1}, "phase2": {"epochs": 1, "max_steps_per_epoch": 1}},
+    "train": {
+        "batch_size": 2,
+        "val_max_batches": 1,
+        "phase1": {"epochs": 1, "max_steps_per_epoch": 1},
+        "phase2": {"epochs": 1, "max_steps_per_epoch": 1},
+    },
     "evaluate": {"max_batches": 1, "batch_size": 2, "n_examples": 1},
-    "search": {"n_trials": 2, "max_steps_per_epoch": 1, "val_max_batches": 1, "space": [
-        {"key": "train.phase1.lr", "type": "logfloat", "low": 1e-4, "high": 3e-3},
-        {"key": "model.dropout", "type": "float", "low": 0.0, "high": 0.15},
-    ]},
+    "search": {
+        "n_trials": 2,
+        "max_steps_per_epoch": 1,
+        "val_max_batches": 1,
+        "space": [
+            {"key": "train.phase1.lr", "type": "logfloat", "low": 1e-4, "high": 3e-3},
+            {"key": "model.dropout", "type": "float", "low": 0.0, "high": 0.15},
+        ],
+    },
 }
 
 
@@ -106,7 +117,9 @@ def test_exp_run_reruns_only_dependent_stages_and_is_its_own_parent_run(project:
     out = _run([str(BIN / "dvc"), "exp", "run", "-n", "drop-more", "-S", "train.phase2.lr=0.00021"], project)
     for skipped in ("fetch", "chunk", "train_phase1"):
         assert f"Stage '{skipped}' didn't change, skipping" in out, out
-    assert "Stage 'search" not in out and "search/dvc.yaml" not in out  # an experiment never runs, nor checks, the study
+    assert (
+        "Stage 'search" not in out and "search/dvc.yaml" not in out
+    )  # an experiment never runs, nor checks, the study
     assert "Running stage 'train_phase2'" in out
     runs = _parents(project)
     assert runs["drop-more"].data.params["train.phase2.lr"] == "0.00021"
@@ -116,7 +129,10 @@ def test_exp_run_reruns_only_dependent_stages_and_is_its_own_parent_run(project:
 @pytest.mark.timeout(1800)
 def test_two_queued_experiments_log_to_one_store_without_lock_errors(project: Path):
     for n in (1, 2):  # evaluate.n_examples differs from the baseline's (1): only evaluate reruns
-        _run([str(BIN / "dvc"), "exp", "run", "--queue", "-n", f"queued-{n}", "-S", f"evaluate.n_examples={n + 1}"], project)
+        _run(
+            [str(BIN / "dvc"), "exp", "run", "--queue", "-n", f"queued-{n}", "-S", f"evaluate.n_examples={n + 1}"],
+            project,
+        )
     _run([str(BIN / "dvc"), "queue", "start", "-j", "2"], project)
     deadline = time.monotonic() + 900
     while time.monotonic() < deadline:
@@ -155,8 +171,12 @@ def test_exp_show_leads_with_scores_and_leaves_data_stats_out(project: Path):
 def test_mlflow_server_serves_the_runs_params_and_headline_metrics(project: Path, tmp_path: Path):
     _, exp_id = _client(project)
     with mlflow_server(f"sqlite:///{project / 'mlflow.db'}", tmp_path) as url:
-        body = json.dumps({"experiment_ids": [exp_id], "filter": "tags.`pipeline.parent` = 'true'", "max_results": 50}).encode()
-        req = urllib.request.Request(f"{url}/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"})
+        body = json.dumps(
+            {"experiment_ids": [exp_id], "filter": "tags.`pipeline.parent` = 'true'", "max_results": 50}
+        ).encode()
+        req = urllib.request.Request(
+            f"{url}/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"}
+        )
         with urllib.request.urlopen(req, timeout=60) as resp:
             runs = {r["info"]["run_name"]: r for r in json.load(resp)["runs"]}
         assert {"drop-more", "queued-1", "queued-2"} <= set(runs)
@@ -170,10 +190,24 @@ def test_mlflow_server_serves_the_runs_params_and_headline_metrics(project: Path
             pytest.skip("chromium not installed (Debian: apt-get install chromium; .ci/run does this)")
         page = f"{url}/#/experiments/{exp_id}/runs?workflowType=machine_learning"
         dom = subprocess.run(
-            [chromium, "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-             "--disable-component-update", "--disable-sync", "--no-first-run", f"--user-data-dir={tmp_path / 'chrome'}",
-             "--window-size=1600,1000", "--virtual-time-budget=20000", "--dump-dom", page],
-            capture_output=True, text=True, timeout=400,
+            [
+                chromium,
+                "--headless=new",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                "--no-first-run",
+                f"--user-data-dir={tmp_path / 'chrome'}",
+                "--window-size=1600,1000",
+                "--virtual-time-budget=20000",
+                "--dump-dom",
+                page,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=400,
         ).stdout
         for name in ("drop-more", "queued-1", "queued-2"):
             assert name in dom, f"{name} not in the runs table page"

@@ -41,7 +41,11 @@ def project(tmp_path_factory) -> Path:
     for phase in ("phase1", "phase2"):
         params["train"][phase].update(epochs=1, max_steps_per_epoch=2)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "init"],
+    ):
         subprocess.run(cmd, cwd=dest, check=True, capture_output=True)
     return dest
 
@@ -67,12 +71,28 @@ def test_repro_logs_each_stage_to_one_mlflow_parent_run(project: Path):
     assert (project / "mlflow.db").is_file()
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     exp = client.get_experiment_by_name("sevir-nowcasting")
-    stages = {r.info.run_name: r for r in client.search_runs([exp.experiment_id], filter_string="tags.`pipeline.stage` != ''")}
+    stages = {
+        r.info.run_name: r for r in client.search_runs([exp.experiment_id], filter_string="tags.`pipeline.stage` != ''")
+    }
     assert {"fetch", "chunk", "train_phase1", "train_phase2", "evaluate"} <= set(stages)
-    dag = {"fetch", "chunk", "search", "train_phase1", "train_phase2", "evaluate"}  # not the Optuna trials (their study's)
+    dag = {
+        "fetch",
+        "chunk",
+        "search",
+        "train_phase1",
+        "train_phase2",
+        "evaluate",
+    }  # not the Optuna trials (their study's)
     parents = {run.data.tags["mlflow.parentRunId"] for run in stages.values() if run.data.tags["pipeline.stage"] in dag}
     assert len(parents) == 1
-    assert len(MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_metric_history(stages["train_phase2"].info.run_id, "val.loss")) == 1
+    assert (
+        len(
+            MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_metric_history(
+                stages["train_phase2"].info.run_id, "val.loss"
+            )
+        )
+        == 1
+    )
     assert stages["chunk"].data.metrics["train.windows"] > 0
 
 

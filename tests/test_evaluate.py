@@ -21,7 +21,14 @@ from pipeline.scoring.forecasters import OpticalFlow, Persistence, get_method
 from pipeline.training.checkpoint import load_model, read_checkpoint
 
 IN, OUT, SIZE = 4, 3, 32
-TINY_MODEL = {"name": "convlstm", "patch_size": 4, "residual": False, "convlstm": {"hidden": [4], "kernel_size": 3}}
+TINY_MODEL = {
+    "name": "convlstm",
+    "patch_size": 4,
+    "residual": False,
+    "motion": False,
+    "prior": {"kind": "none"},
+    "convlstm": {"hidden": [4], "kernel_size": 3},
+}
 
 
 @pytest.fixture(autouse=True)
@@ -247,16 +254,29 @@ def test_stage_logs_a_nested_evaluate_run_and_headline_numbers_on_the_parent(eva
     exp = client.get_experiment_by_name("sevir-nowcasting")
     runs = client.search_runs([exp.experiment_id], filter_string="tags.`pipeline.stage` = 'evaluate'")
     run = next(r for r in runs if r.data.params.get("evaluate.reports_dir") == str(evaluated / "reports"))
-    assert {"model.csi_m", "persistence.csi_m", "optical_flow.csi_m", "model.csi.74", "windows",
-            "model_vs_persistence.csi_m_ratio"} <= set(run.data.metrics)
+    assert {
+        "model.csi_m",
+        "persistence.csi_m",
+        "optical_flow.csi_m",
+        "model.csi.74",
+        "windows",
+        "model_vs_persistence.csi_m_ratio",
+    } <= set(run.data.metrics)
     assert not any(k.startswith("model_vs_baselines") for k in run.data.metrics)
     history = client.get_metric_history(run.info.run_id, "model.lead.csi_m")
     assert sorted(m.step for m in history) == [5, 10, 15]
     artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"metrics.json", "scores.json", "summary.md", "plots", "per_lead"} <= artifacts
     parent = mlflow.get_parent_run(run.info.run_id)
-    for key in ("model.csi_m", "persistence.csi_m", "optical_flow.csi_m", "model.csi.16", "model.mse", "model.ssim",
-                "model_vs_persistence.csi_m_ratio"):
+    for key in (
+        "model.csi_m",
+        "persistence.csi_m",
+        "optical_flow.csi_m",
+        "model.csi.16",
+        "model.mse",
+        "model.ssim",
+        "model_vs_persistence.csi_m_ratio",
+    ):
         assert key in parent.data.metrics, key
 
 

@@ -30,7 +30,9 @@ def sevir_dir(tmp_path_factory) -> Path:
 
 
 def _params(write_params, tmp_path: Path, data: dict) -> Path:
-    return write_params({"data": {"root": str(tmp_path / "raw"), **data}, "windows": {"root": str(tmp_path / "windows")}})
+    return write_params(
+        {"data": {"root": str(tmp_path / "raw"), **data}, "windows": {"root": str(tmp_path / "windows")}}
+    )
 
 
 def test_synthetic_source_writes_a_sevir_root(write_params, tmp_path):

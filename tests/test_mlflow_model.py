@@ -61,7 +61,12 @@ def test_evaluate_logs_a_registered_model_equal_to_the_checkpoint(store, tmp_pat
     inputs = pyfunc.metadata.get_input_schema().inputs
     assert inputs[0].shape == (-1, IN, 1, 32, 32) and inputs[0].type == np.dtype(np.float32)
     # weights and config only: no pickled module or python model in the logged files
-    names = {a.path for a in mlflow.artifacts.list_artifacts(artifact_uri=f"models:/{mlflow_log.REGISTERED_MODEL}/{version.version}")}
+    names = {
+        a.path
+        for a in mlflow.artifacts.list_artifacts(
+            artifact_uri=f"models:/{mlflow_log.REGISTERED_MODEL}/{version.version}"
+        )
+    }
     assert not any(n.endswith(".pkl") for n in names)
     # the predict command takes the same URI
     from pipeline.predict import main as predict
@@ -71,7 +76,9 @@ def test_evaluate_logs_a_registered_model_equal_to_the_checkpoint(store, tmp_pat
     assert run_stage(predict, ["--npy", str(tmp_path / "x.npy"), "--model-uri", "models:/sevir-nowcaster@champion",
                                "--out", str(out), "--params", str(params)]) == 0  # fmt: skip
     with np.load(out) as z:
-        np.testing.assert_array_equal(z["forecast"], np.rint(expected[0, :, 0].clamp(0, 1).numpy() * 255).astype(np.uint8))
+        np.testing.assert_array_equal(
+            z["forecast"], np.rint(expected[0, :, 0].clamp(0, 1).numpy() * 255).astype(np.uint8)
+        )
 
 
 def test_champion_moves_only_on_a_better_csi_with_the_same_test_windows(store, tmp_path, capsys):

@@ -28,8 +28,10 @@ def _scores(shift: int, out_len: int = 4) -> dict:
     for t in range(1 + out_len):
         frames[:, t, 0, 8 + t : 20 + t, 6 + 2 * t : 18 + 2 * t] = rng.integers(100, 230, size=(2, 12, 12))
     target = torch.from_numpy(frames[:, 1:])
-    forecasts = {"model": torch.roll(target, shifts=shift, dims=-1),
-                 "persistence": torch.from_numpy(frames[:, :1]).expand_as(target)}
+    forecasts = {
+        "model": torch.roll(target, shifts=shift, dims=-1),
+        "persistence": torch.from_numpy(frames[:, :1]).expand_as(target),
+    }
     out = {}
     for name, pred in forecasts.items():
         acc = ScoreAccumulator(thresholds=(16, 133), pool_sizes=(4,), out_len=out_len, ssim=False)
@@ -49,10 +51,23 @@ def test_compare_runs_notebook_executes_in_a_kernel(tmp_path, monkeypatch, write
         with tracking.stage_run(cfg, "evaluate", ("evaluate",)) as mlflow:
             log_evaluation(mlflow, doc, per_lead_tables(scores), "test", files=[], reports_dir=tmp_path)
     journal = tmp_path / "optuna.journal"
-    params = write_params({"search": {"n_trials": 3, "pruner": "none", "space": [
-        {"key": "train.phase1.lr", "type": "logfloat", "low": 1e-4, "high": 1e-2}]}, "tracking": {"enabled": False}})
-    subprocess.run([sys.executable, "-m", "tests.helpers.search_worker", str(params), str(journal), str(tmp_path / "w.json")],
-                   cwd=REPO, check=True, capture_output=True, timeout=120)
+    params = write_params(
+        {
+            "search": {
+                "n_trials": 3,
+                "pruner": "none",
+                "space": [{"key": "train.phase1.lr", "type": "logfloat", "low": 1e-4, "high": 1e-2}],
+            },
+            "tracking": {"enabled": False},
+        }
+    )
+    subprocess.run(
+        [sys.executable, "-m", "tests.helpers.search_worker", str(params), str(journal), str(tmp_path / "w.json")],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
 
     nb = nbformat.read(NOTEBOOK, as_version=4)
     monkeypatch.delenv("MPLBACKEND", raising=False)  # the kernel's inline backend turns figures into outputs
@@ -60,10 +75,19 @@ def test_compare_runs_notebook_executes_in_a_kernel(tmp_path, monkeypatch, write
         monkeypatch.setenv(key, value)  # the kernel inherits them
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
 
-    outputs = {i: "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in cell.get("outputs", []))
-               for i, cell in enumerate(nb.cells) if cell.cell_type == "code"}
+    outputs = {
+        i: "".join(o.get("text", "") + str(o.get("data", {}).get("text/plain", "")) for o in cell.get("outputs", []))
+        for i, cell in enumerate(nb.cells)
+        if cell.cell_type == "code"
+    }
     text = "\n".join(outputs.values())
     assert "model.embed_dim" in text and "model.csi_m" in text and "persistence.csi_m" in text
     assert "3 trials" in text and "best params" in text
-    images = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+    images = [
+        o
+        for cell in nb.cells
+        if cell.cell_type == "code"
+        for o in cell.get("outputs", [])
+        if "image/png" in o.get("data", {})
+    ]
     assert len(images) == 3  # CSI-M bars, per-lead curves, study history

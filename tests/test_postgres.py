@@ -29,14 +29,27 @@ def postgres():
 
 def test_two_processes_work_one_study_on_postgres_without_duplicates_or_losses(postgres, write_params, tmp_path):
     url = create_database(postgres, "optuna")
-    params = write_params({"search": {"n_trials": 8, "pruner": "none", "space": [
-        {"key": "train.phase1.lr", "type": "logfloat", "low": 1e-4, "high": 1e-2},
-        {"key": "model.embed_dim", "type": "categorical", "choices": [32, 48]},
-    ]}, "tracking": {"enabled": False}})
+    params = write_params(
+        {
+            "search": {
+                "n_trials": 8,
+                "pruner": "none",
+                "space": [
+                    {"key": "train.phase1.lr", "type": "logfloat", "low": 1e-4, "high": 1e-2},
+                    {"key": "model.embed_dim", "type": "categorical", "choices": [32, 48]},
+                ],
+            },
+            "tracking": {"enabled": False},
+        }
+    )
     cmd = [sys.executable, "-m", "tests.helpers.search_worker", str(params), url]
-    first = subprocess.Popen([*cmd, str(tmp_path / "w1.json"), "--sleep", "0.5"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        [*cmd, str(tmp_path / "w1.json"), "--sleep", "0.5"], cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
     time.sleep(2.0)
-    second = subprocess.Popen([*cmd, str(tmp_path / "w2.json"), "--sleep", "0.5", "--join"], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(
+        [*cmd, str(tmp_path / "w2.json"), "--sleep", "0.5", "--join"], cwd=REPO, stderr=subprocess.PIPE, text=True
+    )
     for proc in (first, second):
         assert proc.wait(timeout=180) == 0, proc.stderr.read()
     ran = [json.loads((tmp_path / f"w{i}.json").read_text())["ran"] for i in (1, 2)]
@@ -69,8 +82,12 @@ def test_mlflow_on_postgres_directly_and_through_the_tracking_server(postgres, t
             with urllib.request.urlopen(req, timeout=30) as resp:
                 exp = json.load(resp)["experiment"]
             assert {t["key"]: t["value"] for t in exp["tags"]}["mlflow.experimentKind"] == "custom_model_development"
-            body = json.dumps({"experiment_ids": [exp["experiment_id"]], "filter": "tags.`pipeline.parent` = 'true'"}).encode()
-            req = urllib.request.Request(f"{server}/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"})
+            body = json.dumps(
+                {"experiment_ids": [exp["experiment_id"]], "filter": "tags.`pipeline.parent` = 'true'"}
+            ).encode()
+            req = urllib.request.Request(
+                f"{server}/api/2.0/mlflow/runs/search", data=body, headers={"Content-Type": "application/json"}
+            )
             with urllib.request.urlopen(req, timeout=30) as resp:
                 (parent,) = json.load(resp)["runs"]
             params = {p["key"]: p["value"] for p in parent["data"]["params"]}

@@ -33,8 +33,11 @@ def files(tmp_path_factory):
     (root / "CATALOG.csv").write_text(
         "id,file_name,file_index,img_type,time_utc,minute_offsets,episode_id,event_id,event_type,llcrnrlat,llcrnrlon,"
         "urcrnrlat,urcrnrlon,proj,size_x,size_y,height_m,width_m,data_min,data_max,pct_missing\n"
-        + "".join(f"S{i + 1},vil/2019/SEVIR_VIL_TEST.h5,{i},vil,2019-06-0{i + 1} 12:00:00,,1,1,Hail,0,0,1,1,p,{SIZE},{SIZE},"
-                  f"1,1,0,255,0\n" for i in range(2))  # fmt: skip
+        + "".join(
+            f"S{i + 1},vil/2019/SEVIR_VIL_TEST.h5,{i},vil,2019-06-0{i + 1} 12:00:00,,1,1,Hail,0,0,1,1,p,{SIZE},{SIZE},"
+            f"1,1,0,255,0\n"
+            for i in range(2)
+        )  # fmt: skip
     )
     return root, ckpt
 
@@ -113,7 +116,16 @@ def test_bad_input_is_one_line_exit_2_and_no_output(files, tmp_path, capsys, cas
         "short": lambda: ["--npy", str(_bad(tmp_path, "a.npy", good[:2]))],
         "size": lambda: ["--npy", str(_bad(tmp_path, "a.npy", good[:, :16, :16]))],
         "over255": lambda: ["--npy", str(_bad(tmp_path, "a.npy", np.full((IN, SIZE, SIZE), 300, np.int32)))],
-        "negative": lambda: ["--npy", str(_bad(tmp_path, "a.npy", np.pad(np.full((IN, SIZE, SIZE - 1), 5), ((0, 0), (0, 0), (0, 1)), constant_values=-1)))],
+        "negative": lambda: [
+            "--npy",
+            str(
+                _bad(
+                    tmp_path,
+                    "a.npy",
+                    np.pad(np.full((IN, SIZE, SIZE - 1), 5), ((0, 0), (0, 0), (0, 1)), constant_values=-1),
+                )
+            ),
+        ],
         "nan": lambda: ["--npy", str(_bad(tmp_path, "a.npy", np.full((IN, SIZE, SIZE), np.nan, np.float32)))],
         "float_over_1": lambda: ["--npy", str(_bad(tmp_path, "a.npy", np.full((IN, SIZE, SIZE), 2.0, np.float32)))],
         "event": lambda: ["--event-id", "S9", "--catalog", str(root / "CATALOG.csv")],

@@ -52,11 +52,21 @@ def _pinned_code(code_snapshot, monkeypatch):  # type: ignore[no-untyped-def]
 def _raw(root: Path, out: Path, name: str = "convlstm", windows: Path | None = None, **sections) -> dict:
     train = {**ONE_EPOCH, **sections.pop("train", {})}
     return {
-        "data": {"root": str(root / "raw"), "synthetic": {"n_events": 16, "size": 64, "frames": 25, "events_per_file": 8}},
+        "data": {
+            "root": str(root / "raw"),
+            "synthetic": {"n_events": 16, "size": 64, "frames": 25, "events_per_file": 8},
+        },
         "windows": {"in_len": 4, "out_len": 4, "stride": 4, "root": str(windows or root / "windows")},
         "model": {"name": name, **TINY_MODEL},
-        "train": {"device": "cpu", "batch_size": 2, "threads": 1, "checkpoint_dir": str(out), "log_every": 2,
-                  "val_max_batches": 1, **train},  # fmt: skip
+        "train": {
+            "device": "cpu",
+            "batch_size": 2,
+            "threads": 1,
+            "checkpoint_dir": str(out),
+            "log_every": 2,
+            "val_max_batches": 1,
+            **train,
+        },  # fmt: skip
         "tracking": {"enabled": False},
         **sections,
     }
@@ -104,7 +114,7 @@ def _copy_code(dest: Path) -> Path:
 def _fresh_lines(caplog) -> list[str]:
     """The "not resumed" log lines, from "made from" on (the path before it may hold any word)."""
     lines = [r.getMessage() for r in caplog.records if "not resumed" in r.getMessage()]
-    return [line[line.index(" was made from "):] for line in lines]
+    return [line[line.index(" was made from ") :] for line in lines]
 
 
 # ----------------------------------------------------------------------- what a checkpoint records
@@ -138,7 +148,9 @@ def test_the_code_hash_covers_models_training_and_the_train_entrypoint_only(tmp_
 
 
 @pytest.mark.parametrize("whole_file_limit", [None, 0], ids=["hashed-whole", "sampled"])
-def test_the_data_fingerprint_follows_content_not_file_times(sample, other_sample, tmp_path, monkeypatch, whole_file_limit):
+def test_the_data_fingerprint_follows_content_not_file_times(
+    sample, other_sample, tmp_path, monkeypatch, whole_file_limit
+):
     if whole_file_limit is not None:  # large files are not read whole: the sampled digest
         monkeypatch.setattr(checkpoint, "WHOLE_FILE_BYTES", whole_file_limit)
     base = checkpoint.data_fingerprint(sample / "windows")
@@ -151,7 +163,9 @@ def test_the_data_fingerprint_follows_content_not_file_times(sample, other_sampl
 
 
 # --------------------------------------------------------------------------- reuse or retrain
-def test_a_finished_checkpoint_from_other_code_is_retrained_with_one_line_saying_code(sample, tmp_path, monkeypatch, caplog):
+def test_a_finished_checkpoint_from_other_code_is_retrained_with_one_line_saying_code(
+    sample, tmp_path, monkeypatch, caplog
+):
     root = _copy_code(tmp_path / "code")
     monkeypatch.setattr(checkpoint, "CODE_ROOT", root, raising=False)
     cfg = _cfg(sample, tmp_path)
@@ -202,7 +216,9 @@ def test_the_same_inputs_resume_even_from_a_copy_of_the_windows(sample, tmp_path
         raise Stop
 
     windows = _copy_windows(sample, tmp_path / "windows")
-    cfg = _cfg(sample, tmp_path / "artifacts", windows=windows, train={"phase1": {"epochs": 2, "max_steps_per_epoch": 2}})
+    cfg = _cfg(
+        sample, tmp_path / "artifacts", windows=windows, train={"phase1": {"epochs": 2, "max_steps_per_epoch": 2}}
+    )
     with pytest.raises(Stop):
         fit(cfg, 1, tmp_path / "artifacts" / "phase1", epoch_callback=stop_after_first, progress=False)
     shutil.rmtree(windows)
@@ -211,7 +227,9 @@ def test_the_same_inputs_resume_even_from_a_copy_of_the_windows(sample, tmp_path
     assert result.resumed_from_epoch == 1 and len(result.history) == 2
 
 
-def test_a_finished_checkpoint_with_renamed_weights_from_other_code_is_retrained_not_a_traceback(sample, tmp_path, caplog):
+def test_a_finished_checkpoint_with_renamed_weights_from_other_code_is_retrained_not_a_traceback(
+    sample, tmp_path, caplog
+):
     cfg = _cfg(sample, tmp_path)
     last = fit(cfg, 1, tmp_path / "phase1", progress=False).last_checkpoint
     state = read_checkpoint(last)

@@ -40,15 +40,30 @@ SPACE = [
 @pytest.fixture
 def study_params(write_params):
     def _make(n_trials: int = 6, **search) -> Path:
-        return write_params({"search": {"n_trials": n_trials, "pruner": "none", "heartbeat_s": 1, "grace_s": 30,
-                                        "space": SPACE, **search}, "tracking": {"enabled": False}})
+        return write_params(
+            {
+                "search": {
+                    "n_trials": n_trials,
+                    "pruner": "none",
+                    "heartbeat_s": 1,
+                    "grace_s": 30,
+                    "space": SPACE,
+                    **search,
+                },
+                "tracking": {"enabled": False},
+            }
+        )
+
     return _make
 
 
 def _worker(params: Path, journal: Path, out: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, "-m", "tests.helpers.search_worker", str(params), str(journal), str(out), *extra],
-        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
 
 
@@ -60,19 +75,31 @@ def _load(journal: Path, params: Path) -> optuna.Study:
 
 def _stage(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "pipeline.search", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.search", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
 # ------------------------------------------------------------------------ space
 def test_default_space_covers_the_phase1_tuning_guide(repo_root):
     keys = {p.key for p in config.load(repo_root / "params.yaml").search.space}
-    guide = {"train.phase1.lr", "train.phase1.weight_decay", "train.phase1.schedule", "train.phase1.warmup_frac",
-             "model.dropout", "model.drop_path", "model.embed_dim", "model.heads", "model.depths_down",
-             "model.depths_up", "model.window_size", "model.memory.slots", "train.batch_size"}
+    guide = {
+        "train.phase1.lr",
+        "train.phase1.weight_decay",
+        "train.phase1.schedule",
+        "train.phase1.warmup_frac",
+        "model.dropout",
+        "model.drop_path",
+        "model.embed_dim",
+        "model.heads",
+        "model.depths_down",
+        "model.depths_up",
+        "model.window_size",
+        "model.memory.slots",
+        "train.batch_size",
+    }
     assert guide <= keys
     assert any(k.endswith("grad_accum") for k in keys)
-
 
 
 def test_default_space_draws_no_impossible_combination(repo_root):
@@ -96,8 +123,14 @@ def test_default_space_draws_no_impossible_combination(repo_root):
     assert {(True, False), (False, True)} <= seen and (True, True) not in seen
     # the reports carry the value a trial did not draw, so its exp-run line is complete
     best = study.trials[0]
-    assert report.summary(study, cfg.search.space, "x", "val.csi_m")["params"]["train.phase1.grad_accum"] == (
-        space_mod.decode(best.params, cfg.search.space, best.user_attrs.get(space_mod.FIXED_ATTR))["train.phase1.grad_accum"])
+    assert (
+        report.summary(study, cfg.search.space, "x", "val.csi_m")["params"]["train.phase1.grad_accum"]
+        == (
+            space_mod.decode(best.params, cfg.search.space, best.user_attrs.get(space_mod.FIXED_ATTR))[
+                "train.phase1.grad_accum"
+            ]
+        )
+    )
 
 
 def test_hand_written_grad_accum_with_align_is_still_one_line(write_params):
@@ -106,20 +139,26 @@ def test_hand_written_grad_accum_with_align_is_still_one_line(write_params):
         config.load(params)
     assert "grad_accum" in str(err.value) and "align" in str(err.value) and "\n" not in str(err.value)
 
-@pytest.mark.parametrize(("entry", "says"), [
-    ({"key": "model.embed_dimm", "type": "int", "low": 16, "high": 64}, "not a params.yaml key"),
-    ({"key": "train.phase1.lr", "type": "logfloat", "low": 1e-2, "high": 1e-4}, "empty range"),
-    ({"key": "model.embed_dim", "type": "categorical", "choices": []}, "non-empty 'choices'"),
-    ({"key": "model.embed_dim", "type": "categorical", "choices": [32, "wide"]}, "'wide' is not a valid value"),
-    ({"key": "train.phase1.lr", "type": "float", "low": -1.0, "high": 1.0}, "greater than 0"),
-    ({"key": "model.dropout", "type": "decimal", "low": 0, "high": 1}, "type"),
-])
+
+@pytest.mark.parametrize(
+    ("entry", "says"),
+    [
+        ({"key": "model.embed_dimm", "type": "int", "low": 16, "high": 64}, "not a params.yaml key"),
+        ({"key": "train.phase1.lr", "type": "logfloat", "low": 1e-2, "high": 1e-4}, "empty range"),
+        ({"key": "model.embed_dim", "type": "categorical", "choices": []}, "non-empty 'choices'"),
+        ({"key": "model.embed_dim", "type": "categorical", "choices": [32, "wide"]}, "'wide' is not a valid value"),
+        ({"key": "train.phase1.lr", "type": "float", "low": -1.0, "high": 1.0}, "greater than 0"),
+        ({"key": "model.dropout", "type": "decimal", "low": 0, "high": 1}, "type"),
+    ],
+)
 def test_bad_space_entry_is_one_line_naming_it(study_params, entry, says, tmp_path):
     params = study_params(space=[entry])
     proc = _stage("--params", str(params))
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "search.space" in lines[0] and says in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "search.space" in lines[0] and says in lines[0], (
+        proc.stderr
+    )
 
 
 def test_suggestions_apply_as_a_validated_config_and_as_an_exp_run_line(study_params):
@@ -218,8 +257,9 @@ def test_changed_space_on_a_stored_study_is_one_line(study_params, tmp_path):
     journal = tmp_path / "study.journal"
     proc = _worker(study_params(n_trials=1), journal, tmp_path / "w.json")
     assert proc.wait(timeout=60) == 0, proc.stderr.read()
-    changed = study_params(n_trials=1, space=[*SPACE[:2], {"key": "model.depths_down", "type": "categorical",
-                                                            "choices": [[2, 2], [2, 4]]}])
+    changed = study_params(
+        n_trials=1, space=[*SPACE[:2], {"key": "model.depths_down", "type": "categorical", "choices": [[2, 2], [2, 4]]}]
+    )
     proc = _worker(changed, journal, tmp_path / "w2.json")
     assert proc.wait(timeout=60) == 2
     err = proc.stderr.read().strip().splitlines()
@@ -234,11 +274,14 @@ def test_worker_pointed_at_a_missing_study_is_one_line(study_params, tmp_path):
     assert len(lines) == 1 and "study 'nope' not found" in lines[0] and "no studies" in lines[0]
 
 
-@pytest.mark.parametrize(("url", "says"), [
-    ("postgresql://u:secret@127.0.0.1:9/optuna", "database not reachable"),
-    ("mysql://u@127.0.0.1:9/optuna", "driver 'MySQLdb' is not installed"),
-    ("ftp://host/x", "unknown URL scheme"),
-])
+@pytest.mark.parametrize(
+    ("url", "says"),
+    [
+        ("postgresql://u:secret@127.0.0.1:9/optuna", "database not reachable"),
+        ("mysql://u@127.0.0.1:9/optuna", "driver 'MySQLdb' is not installed"),
+        ("ftp://host/x", "unknown URL scheme"),
+    ],
+)
 def test_unusable_study_storage_is_one_line_naming_the_key(study_params, url, says):
     proc = _stage("--params", str(study_params()), "--storage", url)
     assert proc.returncode == 2
@@ -282,9 +325,11 @@ def test_search_plots_need_enough_trials_and_say_how_many(tmp_path):
     import matplotlib.figure
 
     real = matplotlib.figure.Figure.suptitle
+
     def spy(fig, text, **kw):
         captions.append(text)
         return real(fig, text, **kw)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(matplotlib.figure.Figure, "suptitle", spy)
         report.plots(study, tmp_path, "val.csi_m", space)
@@ -306,5 +351,7 @@ def test_search_plots_need_enough_trials_and_say_how_many(tmp_path):
 def test_missing_driver_for_tracking_uri_is_one_line(monkeypatch):
     from pipeline.tracking import check_store_url
 
-    with pytest.raises(PipelineError, match=r"tracking.uri = mssql://u:\*\*\*@h/db: database driver 'pyodbc' is not installed"):
+    with pytest.raises(
+        PipelineError, match=r"tracking.uri = mssql://u:\*\*\*@h/db: database driver 'pyodbc' is not installed"
+    ):
         check_store_url("mssql://u:pw@h/db", "tracking.uri")

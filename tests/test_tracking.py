@@ -131,7 +131,10 @@ def test_parent_run_carries_every_params_key_and_spans_its_stages(store, experim
     assert parent.data.params["train.phase1.lr"] == str(cfg.train.phase1.lr)
     stages = client.search_runs([exp.experiment_id], filter_string="tags.`pipeline.stage` != ''")
     assert parent.info.status == "FINISHED"
-    assert parent.info.end_time >= max(r.info.end_time for r in stages) and parent.info.end_time - parent.info.start_time >= 600
+    assert (
+        parent.info.end_time >= max(r.info.end_time for r in stages)
+        and parent.info.end_time - parent.info.start_time >= 600
+    )
 
 
 def test_runs_table_link_opens_the_model_training_view():
@@ -140,16 +143,27 @@ def test_runs_table_link_opens_the_model_training_view():
     )
 
 
-@pytest.mark.parametrize(("uri", "says"), [
-    ("postgresql://team:secret@127.0.0.1:9/mlflow", "tracking.uri = postgresql://team:***@127.0.0.1:9/mlflow: database not reachable"),
-    ("http://127.0.0.1:9", "tracking.uri = http://127.0.0.1:9: MLflow server not reachable"),
-    ("mssql://u@h/db", "database driver 'pyodbc' is not installed"),
-    ("gopher://x", "unknown scheme 'gopher'"),
-])
+@pytest.mark.parametrize(
+    ("uri", "says"),
+    [
+        (
+            "postgresql://team:secret@127.0.0.1:9/mlflow",
+            "tracking.uri = postgresql://team:***@127.0.0.1:9/mlflow: database not reachable",
+        ),
+        ("http://127.0.0.1:9", "tracking.uri = http://127.0.0.1:9: MLflow server not reachable"),
+        ("mssql://u@h/db", "database driver 'pyodbc' is not installed"),
+        ("gopher://x", "unknown scheme 'gopher'"),
+    ],
+)
 def test_unusable_tracking_url_is_one_line_naming_the_key(uri, says, write_params, tmp_path):
     params = write_params({"tracking": {"uri": uri}})
-    proc = subprocess.run([sys.executable, "-m", "pipeline.chunk", "--params", str(params)], cwd=REPO,
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline.chunk", "--params", str(params)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0] and "secret" not in proc.stderr, proc.stderr
@@ -168,8 +182,12 @@ def test_concurrent_writers_share_one_sqlite_store(tmp_path):
         "            mlflow.log_metrics({'a': float(i), 'b': float(i)}, step=i)\n"
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'shared.db'}", "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, "-c", script, f"exp-{i}"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True)
-             for i in range(3)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", script, f"exp-{i}"], cwd=REPO, env=env, stderr=subprocess.PIPE, text=True
+        )
+        for i in range(3)
+    ]
     for proc in procs:
         assert proc.wait(timeout=300) == 0, proc.stderr.read()
     client = MlflowClient(f"sqlite:///{tmp_path / 'shared.db'}")

@@ -153,7 +153,9 @@ def test_sigkilled_run_resumes_to_the_same_end_as_an_uninterrupted_run(sample, t
     assert _same_weights(a["model"], b["model"])
     assert a["optimizer"]["state"].keys() == b["optimizer"]["state"].keys()
     for k in a["optimizer"]["state"]:
-        assert all(torch.equal(a["optimizer"]["state"][k][n], b["optimizer"]["state"][k][n]) for n in ("exp_avg", "exp_avg_sq"))
+        assert all(
+            torch.equal(a["optimizer"]["state"][k][n], b["optimizer"]["state"][k][n]) for n in ("exp_avg", "exp_avg_sq")
+        )
     losses = lambda s: [(r["train.loss"], r["val.loss"]) for r in s["history"]]  # noqa: E731
     assert losses(a) == losses(b)
 
@@ -182,7 +184,9 @@ def test_a_corrupt_checkpoint_is_one_clear_line(sample, tmp_path, capsys):
     last = tmp_path / "artifacts" / "phase1" / "last.pt"
     last.parent.mkdir(parents=True)
     last.write_bytes(b"PK\x03\x04 half a zip file")
-    assert run_stage(__import__("pipeline.train", fromlist=["main"]).main, ["--phase", "1", "--params", str(params)]) == 2
+    assert (
+        run_stage(__import__("pipeline.train", fromlist=["main"]).main, ["--phase", "1", "--params", str(params)]) == 2
+    )
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and str(last) in err and "corrupt" in err
 
@@ -202,13 +206,18 @@ def test_checkpoints_hold_the_contract_keys_and_load_with_weights_only(sample, t
     model = load_model(result.checkpoint)
     assert not model.training
     with pytest.raises(ConfigError, match=r"model\.convlstm\.hidden"):
-        load_model(result.checkpoint, cfg.model.model_copy(update={"convlstm": cfg.model.convlstm.model_copy(update={"hidden": [4]})}))
+        load_model(
+            result.checkpoint,
+            cfg.model.model_copy(update={"convlstm": cfg.model.convlstm.model_copy(update={"hidden": [4]})}),
+        )
     with pytest.raises(DataError, match="not found"):
         read_checkpoint(tmp_path / "nothing.pt")
 
 
 # ------------------------------------------------------------------------------- failures
-def test_non_finite_loss_stops_with_epoch_and_step_keeps_the_checkpoint_and_fails_the_mlflow_run(sample, tmp_path, capsys):
+def test_non_finite_loss_stops_with_epoch_and_step_keeps_the_checkpoint_and_fails_the_mlflow_run(
+    sample, tmp_path, capsys
+):
     from mlflow.tracking import MlflowClient
 
     train_mod = __import__("pipeline.train", fromlist=["main"])
@@ -293,12 +302,18 @@ def test_two_process_gloo_ddp_writes_one_checkpoint_and_one_mlflow_run(sample, t
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err
     assert "DDP: rank 0 of 2" in err
-    assert sorted(p.name for p in (tmp_path / "artifacts" / "phase1").iterdir()) == ["best.pt", "last.pt", "model_config.json"]
+    assert sorted(p.name for p in (tmp_path / "artifacts" / "phase1").iterdir()) == [
+        "best.pt",
+        "last.pt",
+        "model_config.json",
+    ]
     state = read_checkpoint(tmp_path / "artifacts" / "phase1" / "last.pt")
     assert state["step"] == 2
     client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     exp = client.get_experiment_by_name("sevir-nowcasting")
-    ours = client.search_runs([exp.experiment_id], filter_string=f"params.`train.config_hash` = '{state['config_hash']}'")
+    ours = client.search_runs(
+        [exp.experiment_id], filter_string=f"params.`train.config_hash` = '{state['config_hash']}'"
+    )
     assert len(ours) == 1 and ours[0].data.params["train.resolved.world_size"] == "2"
 
 
@@ -311,7 +326,9 @@ def test_mlflow_holds_both_phase_runs_with_per_epoch_metrics_under_one_parent(sa
                           phase2={"epochs": 2, "max_steps_per_epoch": 2})  # fmt: skip
     reports = tmp_path / "reports"
     for phase in (1, 2):
-        assert run_stage(train_mod.main, ["--phase", str(phase), "--params", str(params), "--reports", str(reports)]) == 0
+        assert (
+            run_stage(train_mod.main, ["--phase", str(phase), "--params", str(params), "--reports", str(reports)]) == 0
+        )
     client = MlflowClient()
     exp = client.get_experiment_by_name("sevir-nowcasting")
     hashes = {p: read_checkpoint(tmp_path / "artifacts" / f"phase{p}" / "last.pt")["config_hash"] for p in (1, 2)}
@@ -329,7 +346,10 @@ def test_mlflow_holds_both_phase_runs_with_per_epoch_metrics_under_one_parent(sa
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id, f"phase{phase}")}
         assert f"phase{phase}/model_config.json" in artifacts
         assert not any(a.endswith(".pt") for a in artifacts)  # checkpoints stay on disk; evaluate logs the model
-        assert {d.dataset.name for d in client.get_run(run.info.run_id).inputs.dataset_inputs} == {"windows/train", "windows/val"}
+        assert {d.dataset.name for d in client.get_run(run.info.run_id).inputs.dataset_inputs} == {
+            "windows/train",
+            "windows/val",
+        }
     assert len(client.get_metric_history(runs[1].info.run_id, "train.loss_align")) == 2
     summary = json.loads((reports / "train_phase1.json").read_text())
     assert summary["epochs"] == 2 and summary["best_key"] == "val.csi_m"
@@ -349,7 +369,9 @@ def test_fit_nests_its_own_run_under_a_given_parent(sample, tmp_path):
     fit(_cfg(sample, tmp_path, phase1={"epochs": 1, "max_steps_per_epoch": 2}), 1, tmp_path / "p1",
         mlflow_parent=parent.info.run_id, progress=False)  # fmt: skip
     client = MlflowClient()
-    children = client.search_runs([parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'"
+    )
     assert len(children) == 1 and children[0].info.run_name == "train_phase1"
     assert len(client.get_metric_history(children[0].info.run_id, "val.loss")) == 1
 
@@ -404,7 +426,9 @@ def test_a_tracking_server_killed_mid_run_costs_no_training(sample, tmp_path):
             except OSError:
                 assert time.monotonic() < deadline and server.poll() is None, "mlflow server did not start"
                 time.sleep(0.5)
-        raw = _raw(sample, "convlstm", {"phase1": {"epochs": 3, "max_steps_per_epoch": 12}}, tmp_path / "artifacts", True)
+        raw = _raw(
+            sample, "convlstm", {"phase1": {"epochs": 3, "max_steps_per_epoch": 12}}, tmp_path / "artifacts", True
+        )
         raw["tracking"]["uri"] = f"http://127.0.0.1:{port}"
         params = tmp_path / "params.yaml"
         params.write_text(yaml.safe_dump(raw, sort_keys=False))

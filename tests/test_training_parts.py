@@ -189,7 +189,9 @@ def test_time_shift_cuts_an_earlier_window_from_the_long_clip():
     clip = batch["memory"]
     for out in shifted:
         end = out["memory"].shape[1]
-        assert torch.equal(out["targets"], clip[:, end - 2 : end]) and torch.equal(out["inputs"], clip[:, end - 5 : end - 2])
+        assert torch.equal(out["targets"], clip[:, end - 2 : end]) and torch.equal(
+            out["inputs"], clip[:, end - 5 : end - 2]
+        )
     assert {out["memory"].shape[1] for out in shifted} == {5, 6, 7}
 
 

@@ -147,7 +147,11 @@ def forecast_examples(dataset: WindowDataset, forecasters: dict[str, Forecaster]
         pred = forecaster(inputs, dataset.out_len).detach().cpu()
         pred = pred.float() if pred.dtype == torch.uint8 else pred.float() * 255.0
         forecasts[name] = pred[:, :, 0].clamp(0, 255).numpy()
-    return {"inputs": inputs[:, :, 0].cpu().float().numpy(), "truth": truth[:, :, 0].float().numpy(), "forecasts": forecasts}
+    return {
+        "inputs": inputs[:, :, 0].cpu().float().numpy(),
+        "truth": truth[:, :, 0].float().numpy(),
+        "forecasts": forecasts,
+    }
 
 
 def _fmt(value: float | None) -> str:

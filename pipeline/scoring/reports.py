@@ -164,7 +164,9 @@ def write_per_lead_csvs(directory: Path, tables: dict[str, list[dict[str, Any]]]
         writer = csv.DictWriter(buf, fieldnames=list(rows[0]), lineterminator="\n")
         writer.writeheader()
         for row in rows:
-            writer.writerow({k: "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            writer.writerow(
+                {k: "" if v is None else (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()}
+            )
         path = Path(directory) / f"{metric}.csv"
         write_atomic(path, buf.getvalue())
         paths.append(path)

@@ -167,7 +167,9 @@ class ScoreAccumulator:
         self.reset()
 
     @classmethod
-    def from_config(cls, evaluate: EvaluateConfig, out_len: int, device: torch.device | str = "cpu") -> ScoreAccumulator:
+    def from_config(
+        cls, evaluate: EvaluateConfig, out_len: int, device: torch.device | str = "cpu"
+    ) -> ScoreAccumulator:
         """An accumulator with the thresholds, pool sizes, SSIM and FSS choices of ``cfg.evaluate``."""
         return cls(thresholds=evaluate.thresholds, pool_sizes=evaluate.pool_sizes, out_len=out_len,
                    ssim=evaluate.ssim, fss_scales=evaluate.fss_scales, device=device)  # fmt: skip

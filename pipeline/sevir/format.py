@@ -94,7 +94,9 @@ def read_catalog(root: Path) -> pd.DataFrame:
     )
 
 
-def read_catalog_file(path: Path, *, missing: str, unreadable: str, not_sevir: str, as_text: bool = False) -> pd.DataFrame:
+def read_catalog_file(
+    path: Path, *, missing: str, unreadable: str, not_sevir: str, as_text: bool = False
+) -> pd.DataFrame:
     """A catalog CSV checked for the columns a VIL pipeline needs. Each failure is one DataError
     line naming ``path`` and ending in the given fix: file ``missing``, ``unreadable`` as CSV,
     columns missing (``not_sevir``). ``as_text`` keeps every value as written (strings, no NA
@@ -137,13 +139,17 @@ class VilFile:
         try:
             self._h5 = h5py.File(path, "r")
         except OSError as err:
-            raise DataError(f"{path}: not a readable HDF5 file ({err}); it is corrupt or truncated, delete it and rerun fetch") from None
+            raise DataError(
+                f"{path}: not a readable HDF5 file ({err}); it is corrupt or truncated, delete it and rerun fetch"
+            ) from None
         try:
             if "vil" not in self._h5 or "id" not in self._h5:
                 raise DataError(f"{path}: expected datasets 'id' and 'vil' (N x H x W x T uint8); not a SEVIR VIL file")
             vil = self._h5["vil"]
             if vil.ndim != 4 or vil.dtype != np.uint8:
-                raise DataError(f"{path}: dataset 'vil' is {vil.dtype} with shape {vil.shape}; expected uint8 N x H x W x T")
+                raise DataError(
+                    f"{path}: dataset 'vil' is {vil.dtype} with shape {vil.shape}; expected uint8 N x H x W x T"
+                )
             self.vil = vil
             self.ids = [i.decode() if isinstance(i, bytes) else str(i) for i in self._h5["id"][:]]
         except BaseException:
@@ -191,11 +197,15 @@ class VilFile:
         """Events ``start:stop`` as uint8 (n, H, W, T); raises DataError on a corrupt or truncated file."""
         stop = start + 1 if stop is None else stop
         if not 0 <= start < stop <= self.n_events:
-            raise DataError(f"{self.path}: file_index {start}..{stop - 1} out of range (file holds {self.n_events} events); fix the catalog")
+            raise DataError(
+                f"{self.path}: file_index {start}..{stop - 1} out of range (file holds {self.n_events} events); fix the catalog"
+            )
         try:
             return self.vil[start:stop]
         except (OSError, RuntimeError, ValueError) as err:
-            raise DataError(f"{self.path}: read of events {start}..{stop - 1} failed ({err}); the file is corrupt or truncated, delete it and rerun fetch") from None
+            raise DataError(
+                f"{self.path}: read of events {start}..{stop - 1} failed ({err}); the file is corrupt or truncated, delete it and rerun fetch"
+            ) from None
 
     def close(self) -> None:
         if isinstance(self._raw, tuple):

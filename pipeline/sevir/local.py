@@ -62,8 +62,12 @@ def detect_prefix(source: Path, file_names: list[str]) -> tuple[str, str]:
     bucket layout; the check that follows then names the missing files.
     """
     probe = file_names[:PROBE_FILES]
-    found = {prefix: sum(safe_join(source / prefix, name).is_file() for name in probe) for prefix in (BUCKET_PREFIX, "")}
-    if found[BUCKET_PREFIX] > found[""] or (found[BUCKET_PREFIX] == found[""] == 0 and (source / BUCKET_PREFIX).is_dir()):
+    found = {
+        prefix: sum(safe_join(source / prefix, name).is_file() for name in probe) for prefix in (BUCKET_PREFIX, "")
+    }
+    if found[BUCKET_PREFIX] > found[""] or (
+        found[BUCKET_PREFIX] == found[""] == 0 and (source / BUCKET_PREFIX).is_dir()
+    ):
         return BUCKET_PREFIX, "bucket layout (aws s3 sync): CATALOG.csv at the root, files under data/"
     return "", "flat layout: files beside CATALOG.csv"
 

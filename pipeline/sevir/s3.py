@@ -487,7 +487,9 @@ class _Fetcher:
             if not response.get("ContentRange"):
                 raise _NoRanges()
             if _range_start(response["ContentRange"]) != start:
-                raise DataError(f"{obj.uri}: asked for bytes from {start}, got {response['ContentRange']}; {_DATA_HINT}")
+                raise DataError(
+                    f"{obj.uri}: asked for bytes from {start}, got {response['ContentRange']}; {_DATA_HINT}"
+                )
             before = len(into)
             for chunk in body.iter_chunks(CHUNK_BYTES):
                 if halt.is_set() or self._stop.is_set():

@@ -60,7 +60,9 @@ def select_vil_rows(
         events = events.head(max_events)
     files = list(dict.fromkeys(events["file_name"].astype(str)))
     if max_files and len(files) > max_files:
-        log.info("%s.max_files = %d: keeping %d of %d files and the events in them", keys, max_files, max_files, len(files))
+        log.info(
+            "%s.max_files = %d: keeping %d of %d files and the events in them", keys, max_files, max_files, len(files)
+        )
         files = files[:max_files]
         events = events[events["file_name"].isin(files)]
     if events.empty:

@@ -53,7 +53,9 @@ def check_file(path: Path, rows: pd.DataFrame) -> Problem | None:
         wrong = stored[index] != rows["id"].to_numpy(dtype=object)
         if wrong.any():
             k = int(np.flatnonzero(wrong)[0])
-            return Problem(path, f"row {index[k]} holds event {stored[index[k]]!r} but the catalog says {rows['id'].iloc[k]!r}")
+            return Problem(
+                path, f"row {index[k]} holds event {stored[index[k]]!r} but the catalog says {rows['id'].iloc[k]!r}"
+            )
     return None
 
 

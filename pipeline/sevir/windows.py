@@ -273,7 +273,9 @@ class SplitWriter:
         def seen(info) -> None:  # h5py StoreInfo: chunk_offset (row, frame, 0, 0), byte_offset, size
             addresses[info.chunk_offset[0], info.chunk_offset[1]] = info.byte_offset
             if info.size != self.frame_bytes or info.filter_mask:
-                raise RuntimeError(f"{self.path.name}: chunk {info.chunk_offset} is {info.size} bytes, not {self.frame_bytes}")
+                raise RuntimeError(
+                    f"{self.path.name}: chunk {info.chunk_offset} is {info.size} bytes, not {self.frame_bytes}"
+                )
 
         if self.n_rows:
             self.vil.id.chunk_iter(seen)
@@ -474,7 +476,9 @@ def read_block(vil: sevir.VilFile, start: int, stop: int, out: np.ndarray) -> np
     """
     n = stop - start
     if not 0 <= start < stop <= vil.n_events:
-        raise DataError(f"{vil.path}: file_index {start}..{stop - 1} out of range (file holds {vil.n_events} events); fix the catalog")
+        raise DataError(
+            f"{vil.path}: file_index {start}..{stop - 1} out of range (file holds {vil.n_events} events); fix the catalog"
+        )
     shape = (n, *vil.vil.shape[1:])
     size = int(np.prod(shape))
     failed = f"{vil.path}: read of events {start}..{stop - 1} failed"
@@ -747,8 +751,9 @@ def _write_windows(raw_dir: Path, windows: WindowsConfig, split: SplitConfig, st
     bytes_read = 0
     with sevir.atomic_dir(windows.root) as tmp, ExitStack() as stack:
         writers = {
-            name: SplitWriter(tmp / f"{name}.h5", name, windows, split, frame_shape, id_len,
-                              int(n_events.get(name, 0)), n_frames)  # fmt: skip
+            name: SplitWriter(
+                tmp / f"{name}.h5", name, windows, split, frame_shape, id_len, int(n_events.get(name, 0)), n_frames
+            )  # fmt: skip
             for name in SPLITS
         }
         for writer in writers.values():
@@ -758,7 +763,9 @@ def _write_windows(raw_dir: Path, windows: WindowsConfig, split: SplitConfig, st
             # buffer of the batch before them (prepare_events keeps at most `workers` events pending);
             # only files that cannot be mapped (chunked, compressed) are read into these buffers.
             workers = prepare_workers(windows)
-            read_buffers = [np.empty(windows.chunk_events * raw_h * raw_w * raw_t, np.uint8) for _ in range(workers + 1)]
+            read_buffers = [
+                np.empty(windows.chunk_events * raw_h * raw_w * raw_t, np.uint8) for _ in range(workers + 1)
+            ]
             stream = stack.enter_context(closing(read_events(events, files, windows.chunk_events, read_buffers)))
             bar = stack.enter_context(
                 tqdm(total=len(events), unit="event", desc="chunk", disable=None if progress else True)
@@ -774,7 +781,9 @@ def _write_windows(raw_dir: Path, windows: WindowsConfig, split: SplitConfig, st
                 stats[event.split].events += 1
                 stats[event.split].windows += len(grid.starts)
                 bytes_read += grid.n_frames * raw_h * raw_w
-                bar.set_postfix_str(f"{bytes_read / max(bar.format_dict['elapsed'], 1e-9) / 1e6:.0f} MB/s", refresh=False)
+                bar.set_postfix_str(
+                    f"{bytes_read / max(bar.format_dict['elapsed'], 1e-9) / 1e6:.0f} MB/s", refresh=False
+                )
                 bar.update()
             bar.close()
         for writer in writers.values():

@@ -55,5 +55,9 @@ def find_batch_size(try_step: Callable[[int], None], max_batch: int, at_most: in
                 good = mid
             else:
                 bad = mid
-    log.info("auto batch size: %d (tried %s)", good, ", ".join(f"{b}{'' if ok else ' OOM'}" for b, ok in sorted(tried.items())))
+    log.info(
+        "auto batch size: %d (tried %s)",
+        good,
+        ", ".join(f"{b}{'' if ok else ' OOM'}" for b, ok in sorted(tried.items())),
+    )
     return good

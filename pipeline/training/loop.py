@@ -511,7 +511,9 @@ class Trainer:
             score = metrics[key]
             # the first epoch always writes best.pt (phase 2 and evaluation need one), even when its
             # score is undefined (NaN: e.g. CSI-M of a model that forecasts no rain yet)
-            improved = (math.isfinite(score) and _better(score, self.best_score, pcfg.mode())) or self.best_epoch is None
+            improved = (
+                math.isfinite(score) and _better(score, self.best_score, pcfg.mode())
+            ) or self.best_epoch is None
             if improved:
                 self.best_score = float(score) if math.isfinite(score) else None
                 self.best_epoch, self.bad_epochs = self.epoch + 1, 0
@@ -678,7 +680,9 @@ class Trainer:
                 loss, _, pred = self._forward_loss(model, batch, 2)
                 err = pred.float() - batch["targets"]
                 scores.update(pred.float(), batch["targets"])
-                sums += torch.stack([loss.double() * err.numel(), err.square().sum().double(), err.abs().sum().double()])
+                sums += torch.stack(
+                    [loss.double() * err.numel(), err.square().sum().double(), err.abs().sum().double()]
+                )
                 n_batches += 1
                 n_pixels += err.numel()
         finally:
@@ -761,7 +765,10 @@ class Trainer:
         try:
             log_windows_inputs(tracker, self.cfg.windows.root, ("train", "val"))
         except Exception as err:  # noqa: BLE001 - bookkeeping never fails a finished training
-            log.warning("MLflow: windows dataset inputs not logged (%s)", str(err).splitlines()[0][:160] if str(err) else type(err).__name__)
+            log.warning(
+                "MLflow: windows dataset inputs not logged (%s)",
+                str(err).splitlines()[0][:160] if str(err) else type(err).__name__,
+            )
         tracker.set_tags({"train.best_key": self.pcfg.best_key, "train.best_score": str(self.best_score),
                           "train.best_epoch": str(self.best_epoch)})  # fmt: skip
 

@@ -50,9 +50,14 @@ class TrialTracker:
 
     def start(self, trial: optuna.Trial, overrides: dict[str, Any]) -> str:
         run = self.client.create_run(
-            self.experiment_id, run_name=f"trial-{trial.number}",
-            tags={"mlflow.parentRunId": self.study_run_id, "optuna.study": self.study_name,
-                  "optuna.trial": str(trial.number), "pipeline.stage": "search.trial"},
+            self.experiment_id,
+            run_name=f"trial-{trial.number}",
+            tags={
+                "mlflow.parentRunId": self.study_run_id,
+                "optuna.study": self.study_name,
+                "optuna.trial": str(trial.number),
+                "pipeline.stage": "search.trial",
+            },
         )
         from mlflow.entities import Param
 
@@ -139,24 +144,34 @@ class Phase1Objective:
                 score = metrics.get(search.metric)
                 if score is None:
                     keys = ", ".join(sorted(k for k in metrics if k.startswith("val"))) or "none"
-                    raise TrialFailed(f"search.metric = {search.metric}: not reported by validation (it reports: {keys}); fix search.metric")
+                    raise TrialFailed(
+                        f"search.metric = {search.metric}: not reported by validation (it reports: {keys}); fix search.metric"
+                    )
                 if not _finite(score):
                     raise TrialFailed(f"{search.metric} is {score} at epoch {epoch}")
                 seen.append(float(score))
                 trial.report(float(score), epoch)
                 if trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned at epoch {epoch}: {search.metric} = {score:.4f} ({search.pruner} pruner)")
+                    raise optuna.TrialPruned(
+                        f"pruned at epoch {epoch}: {search.metric} = {score:.4f} ({search.pruner} pruner)"
+                    )
 
             started = time.perf_counter()
             try:
                 result = _fit(cfg, out_dir, on_epoch)
             except MemoryError:
-                raise TrialFailed("out of host memory; smaller model.embed_dim or train.batch_size in search.space") from None
+                raise TrialFailed(
+                    "out of host memory; smaller model.embed_dim or train.batch_size in search.space"
+                ) from None
             except RuntimeError as err:  # torch.OutOfMemoryError is a RuntimeError
                 if "out of memory" not in str(err).lower():
                     raise
                 raise TrialFailed(f"out of GPU memory ({str(err).splitlines()[0][:200]})") from None
-            if not seen and getattr(result, "best_key", None) == search.metric and _finite(getattr(result, "best_score", None)):
+            if (
+                not seen
+                and getattr(result, "best_key", None) == search.metric
+                and _finite(getattr(result, "best_score", None))
+            ):
                 seen.append(float(result.best_score))
             if not seen:
                 raise TrialFailed(f"search.metric = {search.metric}: no epoch reported it; fix search.metric")
@@ -179,5 +194,9 @@ class Phase1Objective:
                 self.tracker.end(run_id, state, value, reason)
             if not self.keep_checkpoints:
                 shutil.rmtree(out_dir, ignore_errors=True)
-            log.info("trial %d: %s%s", trial.number, state.lower(),
-                     f" {search.metric} = {value:.4f}" if value is not None else f" ({reason})")
+            log.info(
+                "trial %d: %s%s",
+                trial.number,
+                state.lower(),
+                f" {search.metric} = {value:.4f}" if value is not None else f" ({reason})",
+            )

@@ -75,8 +75,12 @@ def summary(study: optuna.Study, space: Sequence[SearchParam], storage_desc: str
     }
     if best is not None:
         params = decode(best.params, space, best.user_attrs.get(FIXED_ATTR))
-        out.update(best_value=float(best.value), best_trial=best.number, params=params,
-                   command=exp_run_command(params, name=f"{study.study_name}-best"))
+        out.update(
+            best_value=float(best.value),
+            best_trial=best.number,
+            params=params,
+            command=exp_run_command(params, name=f"{study.study_name}-best"),
+        )
     return out
 
 
@@ -87,13 +91,20 @@ def trials_table(study: optuna.Study, space: Sequence[SearchParam]) -> str:
     writer.writerow(["number", "state", "value", "duration_s", "epochs", "reason", *keys])
     for t in study.get_trials(deepcopy=False):
         params = decode(t.params, space, t.user_attrs.get(FIXED_ATTR))
-        duration = (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else ""
-        writer.writerow([
-            t.number, t.state.name, "" if t.value is None else f"{t.value:.6g}",
-            f"{duration:.2f}" if duration != "" else "", len(t.intermediate_values),
-            str(t.user_attrs.get("fail_reason", "")).replace("\n", " ")[:300],
-            *[params.get(k, "") for k in keys],
-        ])
+        duration = (
+            (t.datetime_complete - t.datetime_start).total_seconds() if t.datetime_complete and t.datetime_start else ""
+        )
+        writer.writerow(
+            [
+                t.number,
+                t.state.name,
+                "" if t.value is None else f"{t.value:.6g}",
+                f"{duration:.2f}" if duration != "" else "",
+                len(t.intermediate_values),
+                str(t.user_attrs.get("fail_reason", "")).replace("\n", " ")[:300],
+                *[params.get(k, "") for k in keys],
+            ]
+        )
     return buf.getvalue()
 
 
@@ -268,7 +279,9 @@ def plots(study: optuna.Study, out_dir: Path, metric: str, space: Sequence[Searc
     return paths
 
 
-def write_reports(study: optuna.Study, space: Sequence[SearchParam], out_dir: Path, storage_desc: str, metric: str) -> dict[str, Any]:
+def write_reports(
+    study: optuna.Study, space: Sequence[SearchParam], out_dir: Path, storage_desc: str, metric: str
+) -> dict[str, Any]:
     """Write every report file; returns the summary (what best_params.yaml holds)."""
     info = summary(study, space, storage_desc, metric)
     header = (

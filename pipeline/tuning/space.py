@@ -43,7 +43,10 @@ def distribution(param: SearchParam) -> optuna.distributions.BaseDistribution:
     if param.type == "int":
         return optuna.distributions.IntDistribution(int(param.low), int(param.high), step=int(param.step or 1))  # type: ignore[arg-type]
     return optuna.distributions.FloatDistribution(
-        float(param.low), float(param.high), log=param.type == "logfloat", step=param.step  # type: ignore[arg-type]
+        float(param.low),
+        float(param.high),
+        log=param.type == "logfloat",
+        step=param.step,  # type: ignore[arg-type]
     )
 
 
@@ -111,7 +114,11 @@ def suggest(trial: optuna.Trial, space: Sequence[SearchParam], base: Config | No
             out[param.key] = trial.suggest_int(param.key, int(param.low), int(param.high), step=int(param.step or 1))  # type: ignore[arg-type]
         else:
             out[param.key] = trial.suggest_float(
-                param.key, float(param.low), float(param.high), step=param.step, log=param.type == "logfloat"  # type: ignore[arg-type]
+                param.key,
+                float(param.low),
+                float(param.high),
+                step=param.step,
+                log=param.type == "logfloat",  # type: ignore[arg-type]
             )
     if fixed:
         trial.set_user_attr(FIXED_ATTR, fixed)

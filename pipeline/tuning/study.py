@@ -88,7 +88,9 @@ def open_storage(search: SearchConfig, journal: Path) -> optuna.storages.BaseSto
             return optuna.storages.RDBStorage(storage, engine_kwargs={"pool_pre_ping": True})  # type: ignore[arg-type]
         except Exception as err:  # noqa: BLE001 - sqlalchemy/optuna raise many kinds; one line for all
             first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise PipelineError(f"search.storage = {redact(storage)}: not usable ({first}); fix search.storage") from None  # type: ignore[arg-type]
+            raise PipelineError(
+                f"search.storage = {redact(storage)}: not usable ({first}); fix search.storage"
+            ) from None  # type: ignore[arg-type]
     if storage and "://" in storage:
         raise ConfigError(
             f"search.storage = {redact(storage)}: unknown URL scheme; use null (journal file), a file path, or postgresql://user:pw@host:5432/db"
@@ -105,8 +107,11 @@ def open_storage(search: SearchConfig, journal: Path) -> optuna.storages.BaseSto
 def fixed_params(cfg: Config) -> dict[str, Any]:
     """What a study's trials share besides the space: drives :func:`study_name`."""
     dump = cfg.model_dump(mode="json")
-    train = {k: v for k, v in dump["train"].items()
-             if k not in ("phase2", "checkpoint_dir", "device", "num_workers", "threads", "log_every", "nproc_per_node")}
+    train = {
+        k: v
+        for k, v in dump["train"].items()
+        if k not in ("phase2", "checkpoint_dir", "device", "num_workers", "threads", "log_every", "nproc_per_node")
+    }
     search = {k: dump["search"][k] for k in ("epochs", "max_steps_per_epoch", "val_max_batches", "metric", "direction")}
     return {"data": dump["data"], "windows": dump["windows"], "model": dump["model"], "train": train, "search": search}
 
@@ -135,8 +140,13 @@ def _existing_names(storage: optuna.storages.BaseStorage) -> list[str]:
 
 
 def create_or_load(
-    cfg: Config, storage: optuna.storages.BaseStorage, storage_desc: str, *, name: str | None = None,
-    create: bool = True, worker_seed: int | None = None,
+    cfg: Config,
+    storage: optuna.storages.BaseStorage,
+    storage_desc: str,
+    *,
+    name: str | None = None,
+    create: bool = True,
+    worker_seed: int | None = None,
 ) -> optuna.Study:
     """Create the study (or load it: ``load_if_exists``); ``create=False`` joins an existing one only.
 
@@ -158,7 +168,11 @@ def create_or_load(
     else:
         with quiet_optuna():  # "Using an existing study ..." - we log our own line
             study = optuna.create_study(
-                study_name=name, storage=storage, sampler=sampler, pruner=pruner, direction=search.direction,
+                study_name=name,
+                storage=storage,
+                sampler=sampler,
+                pruner=pruner,
+                direction=search.direction,
                 load_if_exists=True,
             )
     stored = study.user_attrs.get(ATTR_SPACE)
@@ -173,7 +187,9 @@ def create_or_load(
             "or restore the previous space"
         )
     if study.direction.name.lower() != search.direction:
-        raise ConfigError(f"search.direction = {search.direction}, but study '{name}' was created to {study.direction.name.lower()}; set search.study_name to a new name")
+        raise ConfigError(
+            f"search.direction = {search.direction}, but study '{name}' was created to {study.direction.name.lower()}; set search.study_name to a new name"
+        )
     return study
 
 
@@ -320,6 +336,7 @@ class _PgAdvisoryLock:
 class _NoLock:
     def acquire(self) -> None: ...
     def release(self) -> None: ...
+
     is_locked = False
 
 
@@ -367,8 +384,11 @@ class StudyRunner:
                         "narrow the space (e.g. choices that fit the frame size and each other)"
                     )
                 self.study.optimize(
-                    functools.partial(self._trial, release=release), n_trials=1, catch=self.catch,
-                    gc_after_trial=self.search.gc_after_trial, callbacks=[self._after],
+                    functools.partial(self._trial, release=release),
+                    n_trials=1,
+                    catch=self.catch,
+                    gc_after_trial=self.search.gc_after_trial,
+                    callbacks=[self._after],
                 )
             finally:
                 release()

@@ -36,7 +36,9 @@ def main() -> None:
     storage = study_mod.open_storage(cfg.search, journal)
     desc = study_mod.describe_storage(cfg.search.storage, journal)
     lock = study_mod.worker_lock(args.storage, journal)
-    study = study_mod.create_or_load(cfg, storage, desc, create=not args.join, worker_seed=study_mod.worker_seed(cfg.search))
+    study = study_mod.create_or_load(
+        cfg, storage, desc, create=not args.join, worker_seed=study_mod.worker_seed(cfg.search)
+    )
 
     def objective(trial):
         values = suggest(trial, cfg.search.space, cfg)

@@ -53,7 +53,9 @@ def _as_postgres_user() -> tuple[list[str], int | None, int | None]:
     try:
         user = pwd.getpwnam("postgres")
     except KeyError:
-        pytest.skip("running as root and no 'postgres' user to run PostgreSQL as (apt-get install postgresql creates it)")
+        pytest.skip(
+            "running as root and no 'postgres' user to run PostgreSQL as (apt-get install postgresql creates it)"
+        )
     return ["runuser", "-u", "postgres", "--"], user.pw_uid, user.pw_gid
 
 
@@ -70,15 +72,25 @@ def postgres_server() -> Iterator[str]:
         for path in (base, sock):
             os.chown(path, uid, gid)
     port = free_port()
-    subprocess.run([*prefix, initdb, "-D", str(data), "-U", "test", "-A", "trust", "--no-sync"],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [*prefix, initdb, "-D", str(data), "-U", "test", "-A", "trust", "--no-sync"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     opts = f"-c listen_addresses=127.0.0.1 -p {port} -k {sock} -c fsync=off -c max_connections=60"
-    subprocess.run([*prefix, pg_ctl, "-D", str(data), "-o", opts, "-l", str(base / "pg.log"), "-w", "-t", "60", "start"],
-                   check=True, capture_output=True, timeout=120)
+    subprocess.run(
+        [*prefix, pg_ctl, "-D", str(data), "-o", opts, "-l", str(base / "pg.log"), "-w", "-t", "60", "start"],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
     try:
         yield f"postgresql://test@127.0.0.1:{port}"
     finally:
-        subprocess.run([*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True, timeout=60)
+        subprocess.run(
+            [*prefix, pg_ctl, "-D", str(data), "-m", "immediate", "-w", "stop"], capture_output=True, timeout=60
+        )
         shutil.rmtree(base, ignore_errors=True)
 
 
@@ -98,9 +110,23 @@ def mlflow_server(backend_uri: str, base: Path, timeout_s: float = 120) -> Itera
     artifacts.mkdir(parents=True, exist_ok=True)
     log = open(base / "mlflow-server.log", "w")  # noqa: SIM115 - closed below
     proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--backend-store-uri", backend_uri,
-         "--artifacts-destination", artifacts.as_uri(), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "MLFLOW_TRACKING_URI": ""},
+        [
+            str(Path(sys.executable).parent / "mlflow"),
+            "server",
+            "--backend-store-uri",
+            backend_uri,
+            "--artifacts-destination",
+            artifacts.as_uri(),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "MLFLOW_TRACKING_URI": ""},
         start_new_session=True,  # its own process group: the server's workers and job consumers stop with it
     )
     url = f"http://127.0.0.1:{port}"
