@@ -1,4 +1,4 @@
-"""Bad inputs across the six stages, the way a user gets them wrong (issue 16).
+"""Bad inputs across the six stages, the way a user gets them wrong.
 
 Each case starts from a copy of a tiny project where every stage has run once (tests/helpers/tiny.py),
 spoils one input (a params key, a checkpoint, a windows file, the search space, the storage, an output

@@ -1,4 +1,4 @@
-"""Kill -9 at a random moment of each of the six stages, then rerun (issue 16).
+"""Kill -9 at a random moment of each of the six stages, then rerun.
 
 A tiny project (tests/helpers/tiny.py) is run once without interruption (A) and once (B) with every
 stage SIGKILLed at a random moment of its run and then rerun with the same command. Checked:

@@ -304,6 +304,9 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader)
         if self.pcfg.max_steps_per_epoch:
             self.steps_per_epoch = min(self.steps_per_epoch, self.pcfg.max_steps_per_epoch)
+        # curve points every train.log_every steps, but at least 4 per epoch, so a short run still draws a
+        # curve (4 steps per epoch: a point per step); long epochs keep log_every (one host sync per point)
+        self.log_interval = max(1, min(cfg.train.log_every, self.steps_per_epoch // 4))
         self.opt_steps_per_epoch = math.ceil(self.steps_per_epoch / self.pcfg.grad_accum)
         # ----- optimiser, schedule, scaler, EMA
         self.optimizer = build_optimizer(self.model, self.pcfg, exclude=self.frozen)
@@ -603,7 +606,7 @@ class Trainer:
                 self.step += 1
                 seen += batch["inputs"].shape[0]
                 bar.update(1)
-                if (i + 1) % self.cfg.train.log_every == 0 or i + 1 == self.steps_per_epoch:
+                if (i + 1) % self.log_interval == 0 or i + 1 == self.steps_per_epoch:
                     # the one host sync, every log_every steps: loss sums and the first bad step together
                     host = torch.cat([sums[: len(names)].double(), bad_step.double().view(1)]).tolist()
                     self._check_finite(int(host[-1]))
