@@ -383,6 +383,8 @@ def test_dvc_yaml_declares_every_param_the_training_stages_read(sample, tmp_path
     # the search stage's trials are phase-1 fits with the same validation; the machine settings
     # (device, threads, ...) do not change what a trial computes, windows.* reach it as the windows dep
     runtime = {f"train.{k}" for k in ("device", "compile", "num_workers", "threads", "log_every", "checkpoint_dir")}
-    declared = yaml.safe_load((REPO / "search" / "dvc.yaml").read_text())["stages"]["search"]["params"]  # its own pipeline
+    declared = yaml.safe_load((REPO / "search" / "dvc.yaml").read_text())["stages"]["search"][
+        "params"
+    ]  # its own pipeline
     missing = sorted(k for k in phase1_reads - runtime if not k.startswith("windows.") and not _covered(k, declared))
     assert not missing, f"search trials read {missing}, not in its dvc.yaml params"
