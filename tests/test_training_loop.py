@@ -197,7 +197,7 @@ def test_all_reduce_mean_averages_over_two_gloo_processes(tmp_path):
 
     mp.spawn(_reduce_worker, args=(str(tmp_path / "store"), str(tmp_path / "mean")), nprocs=2, join=True)
     for rank in (0, 1):
-        assert torch.equal(torch.load(tmp_path / f"mean.{rank}"), torch.tensor([1.5, 15.0]))
+        assert torch.equal(torch.load(tmp_path / f"mean.{rank}", weights_only=True), torch.tensor([1.5, 15.0]))
     one = torch.tensor([3.0])
     assert distributed.all_reduce_mean(one, distributed.DistInfo()) is one
 
