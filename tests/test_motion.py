@@ -155,3 +155,15 @@ def test_a_fresh_model_with_the_prior_extrapolates_the_motion(name: str) -> None
 def test_prior_needs_motion_in_one_line() -> None:
     with pytest.raises(ValueError, match=r"model\.prior\.kind = block_matching needs model\.motion = true"):
         ModelConfig(residual=True, prior={"kind": "block_matching"})
+
+
+def test_motion_prior_gradients_stay_finite_on_mostly_zero_vil() -> None:
+    """Radar frames are mostly exact zeros: the prior's normalised descriptors must not blow up there."""
+    clip = torch.zeros(2, 6, 1, 64, 64)
+    clip[:, :, :, 20:26, 20:26] = torch.linspace(0.1, 0.6, 6).view(1, 6, 1, 1, 1)  # one small cell, growing
+    clip.requires_grad_(True)
+    prior = MotionPrior()
+    flow = prior(clip)
+    flow.square().sum().backward()
+    assert torch.isfinite(flow).all()
+    assert torch.isfinite(clip.grad).all() and torch.isfinite(prior.log_temperature.grad)

@@ -57,10 +57,10 @@ class ForecastLoss(nn.Module):
         super().__init__()
         self.l1, self.l2 = phase_cfg.l1_weight, phase_cfg.l2_weight
         self.ssim_weight = phase_cfg.ssim_weight
-        self.csi_weight = getattr(phase_cfg, "csi_weight", 0.0)
-        self.csi_softness = getattr(phase_cfg, "csi_softness", 2.0) / 255.0
-        self.register_buffer("csi_thresholds", torch.tensor(getattr(phase_cfg, "csi_thresholds", [16]),
-                                                            dtype=torch.float32) / 255.0, persistent=False)  # fmt: skip
+        self.csi_weight = phase_cfg.csi_weight
+        self.csi_softness = phase_cfg.csi_softness / 255.0
+        self.register_buffer("csi_thresholds", torch.tensor(phase_cfg.csi_thresholds, dtype=torch.float32) / 255.0,
+                             persistent=False)  # fmt: skip
         self.balanced = phase_cfg.balanced
         self.register_buffer("edges", torch.tensor(phase_cfg.balance_thresholds, dtype=torch.float32) / 255.0,
                              persistent=False)  # fmt: skip
@@ -106,9 +106,8 @@ def soft_csi(pred: Tensor, target: Tensor, thresholds: Tensor, softness: float) 
     observed = (target.unsqueeze(0) >= t - 1e-6).float()
     dims = tuple(range(1, forecast.ndim))
     hits = (forecast * observed).sum(dim=dims)
-    misses = ((1 - forecast) * observed).sum(dim=dims)
     false_alarms = (forecast * (1 - observed)).sum(dim=dims)
-    union = hits + misses + false_alarms
+    union = observed.sum(dim=dims) + false_alarms  # hits + misses + false alarms
     # a threshold is scored where the target or the (rounded) forecast has an event, as the scores do
     present = (observed.amax(dim=dims) > 0) | ((forecast > 0.5).flatten(1).any(dim=1))
     csi = hits / union.clamp_min(1e-6)
