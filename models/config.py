@@ -64,11 +64,18 @@ class PriorConfig(_Section):
     """Motion prior of ``model.motion`` (models.motion.MotionPrior): a block-matching flow from the inputs."""
 
     kind: Literal["none", "block_matching"] = "none"  # block_matching: the forecast starts from extrapolation
-    pool: PositiveInt = 4  # frames are average-pooled by this before matching (pixels per coarse pixel)
-    radius: Annotated[int, Field(ge=1, le=8)] = 4  # displacements searched, coarse pixels each way
+    pool: PositiveInt = 2  # frames are average-pooled by this before matching (pixels per coarse pixel)
+    radius: Annotated[int, Field(ge=1, le=8)] = 6  # displacements searched, coarse pixels each way
     lag: PositiveInt = 2  # frames between the matched pair; fastest motion seen = radius * pool / lag px/frame
     pairs: PositiveInt = 3  # the last N pairs of inputs, averaged
-    smooth: Annotated[int, Field(ge=0)] = 7  # half-width of the flow's smoothing box, coarse pixels
+    smooth: Annotated[int, Field(ge=0)] = 15  # half-width of the flow's smoothing box, coarse pixels
+    patch: Annotated[int, Field(ge=3, le=15)] = 9  # side of the neighbourhood matched, coarse pixels; odd
+
+    @model_validator(mode="after")
+    def _odd_patch(self) -> PriorConfig:
+        if self.patch % 2 == 0:
+            raise ValueError(f"model.prior.patch = {self.patch} must be odd (a neighbourhood centred on its pixel)")
+        return self
 
 
 class ModelConfig(_Section):

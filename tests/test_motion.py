@@ -167,3 +167,37 @@ def test_motion_prior_gradients_stay_finite_on_mostly_zero_vil() -> None:
     flow.square().sum().backward()
     assert torch.isfinite(flow).all()
     assert torch.isfinite(clip.grad).all() and torch.isfinite(prior.log_temperature.grad)
+
+
+def _explicit_correlation(prior: MotionPrior, src: torch.Tensor, dst: torch.Tensor) -> torch.Tensor:
+    """The cosine similarity of zero-mean unit-norm ``patch x patch`` descriptors, materialised (unfold)."""
+    n, _, h, w = src.shape
+    k, r = prior.patch, prior.radius
+
+    def describe(frames: torch.Tensor) -> torch.Tensor:
+        patches = torch.nn.functional.unfold(frames, kernel_size=k, padding=k // 2).view(n, k * k, h, w)
+        patches = patches - patches.mean(dim=1, keepdim=True)
+        return patches * torch.rsqrt(patches.pow(2).sum(dim=1, keepdim=True) + 1e-8)
+
+    a, b = describe(src.double()), torch.nn.functional.pad(describe(dst.double()), (r, r, r, r))
+    side = 2 * r + 1
+    return torch.stack([(a * b[:, :, i : i + h, j : j + w]).sum(dim=1) for i in range(side) for j in range(side)], 1)
+
+
+@pytest.mark.parametrize(("patch", "radius"), [(5, 4), (9, 6), (3, 2)])
+def test_motion_prior_correlation_equals_the_explicit_descriptors(patch: int, radius: int) -> None:
+    """The running-sum correlation is the unfold-and-dot one, displacement by displacement, edges included."""
+    generator = torch.Generator().manual_seed(patch)
+    src = torch.rand(3, 1, 24, 20, generator=generator) * (torch.rand(3, 1, 24, 20, generator=generator) > 0.5)
+    dst = torch.roll(src, shifts=(1, -2), dims=(2, 3)) + 0.05 * torch.rand(3, 1, 24, 20, generator=generator)
+    src[0] = 0.0  # a rain-free frame: its zero-variance neighbourhoods correlate 0 with anything
+    prior = MotionPrior(patch=patch, radius=radius)
+    fast = prior.correlation(src, dst)
+    assert fast.shape == (3, (2 * radius + 1) ** 2, 24, 20)
+    assert torch.allclose(fast.double(), _explicit_correlation(prior, src, dst), atol=2e-3)
+    assert fast[0].abs().max() < 1e-2
+
+
+def test_motion_prior_patch_must_be_odd_in_one_line() -> None:
+    with pytest.raises(ValueError, match=r"model\.prior\.patch = 8 must be odd"):
+        ModelConfig(residual=True, motion=True, prior={"kind": "block_matching", "patch": 8})

@@ -46,11 +46,12 @@ REFERENCE_OPTIONS: dict[str, Any] = {
     "model.residual": False,  # model.py Memory.forward: outputs.append(output), the head's frame itself
     "model.motion": False,  # the published code predicts frames directly: no flow head, no warp
     "model.prior.kind": "none",  # no motion prior: nothing is advected
-    "model.prior.pool": 4,  # unused with kind none: the ModelConfig defaults
-    "model.prior.radius": 4,
+    "model.prior.pool": 2,  # unused with kind none: the ModelConfig defaults
+    "model.prior.radius": 6,
     "model.prior.lag": 2,
     "model.prior.pairs": 3,
-    "model.prior.smooth": 7,
+    "model.prior.smooth": 15,
+    "model.prior.patch": 9,
     "model.pos": "relative",  # model.py SwinLSTMCell: use_pe=True, dwc_pe=False, fixed_pe=False -> dat.py rpe_table
     "model.dat.groups": 4,  # model.py SwinLSTMCell n_group=4
     "model.dat.sampling": "window",  # dat.py DATSwinDAttention.forward samples the (window x window) map
