@@ -92,6 +92,7 @@ for _phase in ("phase1", "phase2"):
         f"train.{_phase}.l2_weight": 0.0,
         f"train.{_phase}.ssim_weight": 0.0,
         f"train.{_phase}.recon_weight": 0.0,
+        f"train.{_phase}.csi_weight": 0.0,  # no soft-CSI term: the loss is the L1 alone
         f"train.{_phase}.balanced": False,  # loss.mean(), no intensity weights
         f"train.{_phase}.align": True,  # phase 1 step, then phase 2 step, on the same batch
         f"train.{_phase}.ema_decay": 0.0,  # no EMA in the script

@@ -62,6 +62,15 @@ def test_every_model_splits_into_encoder_decoder_and_head_groups(name):
     assert groups == {"encoder", "decoder", "head"}
 
 
+@pytest.mark.parametrize("name", ["convlstm", "swinlstm", "datswinlstm_memory"])
+def test_the_motion_output_and_its_prior_are_the_head_group(name):
+    """model.motion draws the forecast with its flow head: lr_head must reach it, not the encoder's lr."""
+    cfg = ModelConfig(name=name, residual=True, motion=True, prior={"kind": "block_matching"})
+    groups = {n: param_group_of(n) for n, _ in models.build(cfg).named_parameters()}
+    motion = {n: g for n, g in groups.items() if "flow_head" in n or "motion_prior" in n}
+    assert len(motion) == 5 and set(motion.values()) == {"head"}
+
+
 def test_group_learning_rates_and_no_decay_on_biases_and_norms():
     model = models.build(ModelConfig(name="swinlstm"))
     opt = build_optimizer(model, PhaseConfig(lr=1e-3, lr_head=5e-4, lr_decoder=2e-3, weight_decay=0.1))

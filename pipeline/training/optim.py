@@ -29,14 +29,15 @@ from torch import nn
 
 # name parts that put a parameter in the decoder / head group; everything else is encoder
 _DECODER_PARTS = {"up", "expand", "forecaster", "deep_fusion", "decoder"}
-_HEAD_PARTS = {"head"}
+_HEAD_PARTS = {"head", "flow_head", "motion_prior"}  # the output layers, model.motion's included
 
 
 def param_group_of(name: str) -> str:
     """``encoder`` | ``decoder`` | ``head`` for a parameter name of any model of the zoo.
 
     convlstm: encoder.* / forecaster.* / head.*; Swin models: embed, down, merge (and the memory
-    query and bank) / up, expand, deep_fusion / head.
+    query and bank) / up, expand, deep_fusion / head. ``model.motion``'s output layer (``flow_head``) and
+    its prior's sharpness (``motion_prior``) are the head: they draw the forecast, as ``head`` does.
     """
     parts = set(name.split("."))
     if parts & _HEAD_PARTS:
