@@ -147,7 +147,7 @@ class MotionPrior(nn.Module):
         """The mean over each pixel's ``patch x patch`` neighbourhood, zeros outside the map included.
 
         Separable running sums (cumsum, then the difference ``patch`` apart), so it costs a few operations
-        per pixel whatever the patch; ~4x faster on CPU than a stride-1 ``avg_pool2d``, equal to 1e-6.
+        per pixel whatever the patch; ~4x faster on CPU than a stride-1 ``avg_pool2d``.
         """
         k = self.patch
         lo, hi = k // 2 + 1, k // 2  # one extra zero in front: the running sum's difference needs it
@@ -173,6 +173,9 @@ class MotionPrior(nn.Module):
         r = self.radius
         h, w = src.shape[-2:]
         side = 2 * r + 1
+        # float64: mean(x^2) - mean(x)^2 and the running sums cancel on flat neighbourhoods (a saturated
+        # VIL core at 255): in float32 their rounding noise became "texture" and gave correlations of 1e3
+        dtype, src, dst = src.dtype, src.double(), dst.double()
         mean_s, inv_s = self.statistics(src)
         mean_d, inv_d = self.statistics(dst)
         pad = (r, r, r, r)
@@ -185,7 +188,7 @@ class MotionPrior(nn.Module):
             mean = torch.cat([mean_d[:, :, i : i + h, c] for c in cols], dim=1)
             inv = torch.cat([inv_d[:, :, i : i + h, c] for c in cols], dim=1)
             rows.append((cross - mean_s * mean) * self.patch**2 * inv_s * inv)
-        return torch.cat(rows, dim=1)
+        return torch.cat(rows, dim=1).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, T, C, H, W) inputs on 0-1 -> flow (B, 2, H, W) in pixels per frame (dy, dx); 0 for T = 1."""

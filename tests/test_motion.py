@@ -191,11 +191,13 @@ def test_motion_prior_correlation_equals_the_explicit_descriptors(patch: int, ra
     src = torch.rand(3, 1, 24, 20, generator=generator) * (torch.rand(3, 1, 24, 20, generator=generator) > 0.5)
     dst = torch.roll(src, shifts=(1, -2), dims=(2, 3)) + 0.05 * torch.rand(3, 1, 24, 20, generator=generator)
     src[0] = 0.0  # a rain-free frame: its zero-variance neighbourhoods correlate 0 with anything
+    src[1, :, 4:16, 4:16] = 1.0  # a saturated core (VIL 255): flat, where running sums cancel
+    dst[1, :, 5:17, 2:14] = 1.0
     prior = MotionPrior(patch=patch, radius=radius)
     fast = prior.correlation(src, dst)
     assert fast.shape == (3, (2 * radius + 1) ** 2, 24, 20)
-    assert torch.allclose(fast.double(), _explicit_correlation(prior, src, dst), atol=2e-3)
-    assert fast[0].abs().max() < 1e-2
+    assert torch.allclose(fast.double(), _explicit_correlation(prior, src, dst), atol=1e-4)
+    assert fast[0].abs().max() < 1e-2 and fast.abs().max() <= 1 + 1e-4
 
 
 def test_motion_prior_patch_must_be_odd_in_one_line() -> None:
