@@ -81,6 +81,37 @@ def _stage(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 
 # ------------------------------------------------------------------------ space
+def test_study_name_is_keyed_on_the_training_code_and_the_windows(write_params, tmp_path, monkeypatch):
+    """The journal persists across `dvc repro`: a change of models/ or of the windows must start a new study,
+    not resume a finished one and report the old code's scores as new."""
+    import shutil
+
+    from pipeline.training import checkpoint
+
+    windows = tmp_path / "windows"
+    windows.mkdir()
+    for name in ("train.h5", "val.h5"):
+        (windows / name).write_bytes(b"windows " + name.encode())
+    cfg = config.load(write_params({"windows": {"root": str(windows)}}))
+    code = tmp_path / "code"
+    for rel in checkpoint.CODE_PATHS:
+        src = REPO / rel
+        if src.is_dir():
+            shutil.copytree(src, code / rel, ignore=shutil.ignore_patterns("__pycache__"))
+        else:
+            (code / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(src, code / rel)
+    monkeypatch.setattr(checkpoint, "CODE_ROOT", code)
+    name = study_mod.study_name(cfg)
+    assert study_mod.study_name(cfg) == name  # the same params, code and windows resume the same study
+    with open(code / "models" / "motion.py", "a") as fh:
+        fh.write("\n# a changed model\n")
+    changed_code = study_mod.study_name(cfg)
+    (windows / "val.h5").write_bytes(b"other windows")
+    changed_data = study_mod.study_name(cfg)
+    assert len({name, changed_code, changed_data}) == 3
+
+
 def test_default_space_covers_the_phase1_tuning_guide(repo_root):
     keys = {p.key for p in config.load(repo_root / "params.yaml").search.space}
     guide = {

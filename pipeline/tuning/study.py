@@ -10,8 +10,10 @@ Storage (``search.storage``):
 
 A study is stored as ``<search.study_name>-<hash>``, the hash taken over the params that stay
 fixed during the study (model, train.phase1, data, windows, the objective's budget and metric),
-so changing one of them starts a new study instead of mixing incomparable trials, while the
-same params resume the same study (``load_if_exists``). The space is stored with the study; a
+the training code and the windows files (as a checkpoint's identity takes them), so changing one
+of them starts a new study instead of mixing incomparable trials or passing a finished study of
+old code or data as new, while the same params, code and windows resume the same study
+(``load_if_exists``). The space is stored with the study; a
 changed space on the same study is a one-line :class:`ConfigError`.
 
 Workers run until the study holds ``n_trials`` finished trials (complete, pruned or failed);
@@ -117,8 +119,21 @@ def fixed_params(cfg: Config) -> dict[str, Any]:
 
 
 def study_name(cfg: Config) -> str:
-    """``<search.study_name>-<8 hex>``: one study per set of fixed params."""
-    blob = json.dumps(fixed_params(cfg), sort_keys=True)
+    """``<search.study_name>-<8 hex>``: one study per set of fixed params, training code and windows.
+
+    The code and windows are hashed as a training checkpoint's identity hashes them
+    (:func:`pipeline.training.checkpoint.code_hash`, :func:`~pipeline.training.checkpoint.data_fingerprint`):
+    the study's journal persists across ``dvc repro``, and without them a change to ``models/`` would
+    rerun the stage only to find its trials finished and report the old code's scores.
+    """
+    from pipeline.errors import DataError
+    from pipeline.training.checkpoint import code_hash, data_fingerprint
+
+    try:
+        data = data_fingerprint(cfg.windows.root)
+    except DataError:  # no windows yet (e.g. the dashboard before chunk): trials cannot run either
+        data = None
+    blob = json.dumps({"params": fixed_params(cfg), "code": code_hash(), "data": data}, sort_keys=True)
     return f"{cfg.search.study_name}-{hashlib.sha1(blob.encode()).hexdigest()[:8]}"
 
 
