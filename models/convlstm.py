@@ -101,7 +101,9 @@ class ConvLSTM(Forecaster):
         preds = []
         evolution = None
         if self.flow_head is not None:
-            evolution = Evolution(x[:, -1], self.motion_prior(x) if self.motion_prior is not None else None)
+            evolution = Evolution(
+                x[:, -1], self.motion_prior(x) if self.motion_prior is not None else None, self.cfg.inflow
+            )
         for _ in range(out_len):
             inp = None
             for i, cell in enumerate(self.forecaster):

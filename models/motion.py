@@ -11,7 +11,9 @@ on the scale of a patch: the detail of the forecast comes from the advected fram
 pixel-shuffled token (whose blocks of patch x patch pixels cost SSIM). The layer starts at zero, so a fresh model forecasts persistence, as ``model.residual`` does,
 but the gradient of the warp reaches the flow from the first step: the network learns the motion
 that optical flow extrapolates instead of having to draw each moved pixel anew. Rain that would be
-advected in from outside the frame is unknown and enters as 0 (as in pysteps' extrapolation).
+advected in from outside the frame is unknown: ``model.inflow: zero`` lets it enter as 0 (as pysteps'
+extrapolation does), ``edge`` takes the nearest edge pixel's value (the frame's border held as persistence),
+for the frame and for the carried displacement and change fields alike.
 """
 
 from __future__ import annotations
@@ -22,9 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+INFLOW_PADDING = {"zero": "zeros", "edge": "border"}  # model.inflow -> grid_sample's padding_mode
 
-def advect(frame: Tensor, flow: Tensor) -> Tensor:
-    """Backward warp: out(p) = frame(p - flow(p)), bilinear, zeros outside the frame.
+
+def advect(frame: Tensor, flow: Tensor, inflow: str = "zero") -> Tensor:
+    """Backward warp: out(p) = frame(p - flow(p)), bilinear; outside the frame: 0 (``inflow="zero"``) or the
+    nearest edge pixel (``"edge"``).
 
     ``frame`` (B, C, H, W); ``flow`` (B, 2, H, W) in pixels, channel 0 = dy (rows), 1 = dx (columns).
     """
@@ -35,7 +40,8 @@ def advect(frame: Tensor, flow: Tensor) -> Tensor:
     src_x = xs.view(1, 1, W) - flow[:, 1]
     # grid_sample's normalised coordinates (align_corners=False): pixel centre i -> (2 i + 1) / n - 1
     grid = torch.stack([(2 * src_x + 1) / W - 1, (2 * src_y + 1) / H - 1], dim=-1)  # (B, H, W, 2) as (x, y)
-    return F.grid_sample(frame, grid.to(frame.dtype), mode="bilinear", padding_mode="zeros", align_corners=False)
+    padding = INFLOW_PADDING[inflow]
+    return F.grid_sample(frame, grid.to(frame.dtype), mode="bilinear", padding_mode=padding, align_corners=False)
 
 
 class FlowHead(nn.Module):
@@ -87,9 +93,10 @@ class Evolution:
     its texture is not blurred by twelve chained bilinear warps (which cost SSIM).
     """
 
-    def __init__(self, origin: Tensor, prior: Tensor | None = None) -> None:
+    def __init__(self, origin: Tensor, prior: Tensor | None = None, inflow: str = "zero") -> None:
         self.origin = origin  # (B, C, H, W), the last input frame
         self.prior = prior  # (B, 2, H, W) or None: a flow added to every step's (model.prior)
+        self.inflow = inflow  # model.inflow: what enters from outside the frame (see advect)
         self.disp: Tensor | None = None  # (B, 2, H, W)
         self.change: Tensor | None = None  # (B, C, H, W)
 
@@ -101,9 +108,9 @@ class Evolution:
         if self.disp is None:
             self.disp, self.change = flow, change
         else:
-            carried = advect(torch.cat([self.disp, self.change], dim=1), flow)
+            carried = advect(torch.cat([self.disp, self.change], dim=1), flow, self.inflow)
             self.disp, self.change = flow + carried[:, :2], change + carried[:, 2:]
-        return advect(self.origin, self.disp) + self.change
+        return advect(self.origin, self.disp, self.inflow) + self.change
 
 
 class MotionPrior(nn.Module):

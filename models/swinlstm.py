@@ -143,7 +143,9 @@ class SwinLSTMD(nn.Module):
         anchor = x[:, -1]  # model.residual: forecasts are the last input frame + the head's change
         evolution = None
         if self.flow_head is not None:
-            evolution = Evolution(anchor, self.motion_prior(x) if self.motion_prior is not None else None)
+            evolution = Evolution(
+                anchor, self.motion_prior(x) if self.motion_prior is not None else None, self.cfg.inflow
+            )
         for t in range(T + out_len - 1):
             frame = x[:, t] if t < T else pred  # feed the inputs, then the model's own forecast
             out = self.step(frame, states, memory, forecast=t >= T - 1)  # (B, C, H, W): frame t + 1

@@ -37,6 +37,66 @@ def test_rain_from_outside_the_frame_enters_as_zero() -> None:
     assert torch.all(moved[..., :2] == 0) and torch.all(moved[..., 2:] == 1)
 
 
+def test_edge_inflow_carries_the_edge_pixel_in() -> None:
+    """model.inflow: edge: what enters from outside the frame is the nearest edge pixel, not 0."""
+    frame = torch.zeros(1, 1, 8, 8)
+    frame[..., 0] = torch.arange(1.0, 9.0).view(8)  # the left edge column: 1 .. 8 down the rows
+    frame[..., 1:] = 0.5
+    flow = torch.zeros(1, 2, 8, 8)
+    flow[:, 1] = 2.0  # two columns right: columns 0 and 1 come from outside, left of the edge
+    moved = advect(frame, flow, "edge")
+    assert torch.equal(moved[..., :3], frame[..., :1].expand(-1, -1, -1, 3))  # the edge column, carried in
+    assert torch.all(moved[..., 3:] == 0.5)
+    assert torch.all(advect(frame, flow, "zero")[..., :2] == 0)
+
+
+@pytest.mark.parametrize("inflow", ["zero", "edge"])
+def test_evolution_inflow_accumulates_the_displacement_at_the_edge(inflow: str) -> None:
+    """Over k steps of a constant flow the forecast is the frame shifted k times the flow; at the upwind edge
+    edge inflow keeps the edge's rain in (the carried displacement too), zero inflow lets it run dry."""
+    frame = torch.zeros(1, 1, 16, 16)
+    frame[..., :4] = 1.0  # rain along the left edge, moving right into the frame
+    motion = torch.zeros(1, 3, 16, 16)
+    motion[:, 1] = 1.0
+    evolution = Evolution(frame, inflow=inflow)
+    for _ in range(3):
+        out = evolution.step(motion)
+    assert torch.allclose(out[..., 4:7], torch.ones(1, 1, 16, 3))  # moved 3 columns on, in both
+    assert torch.all(out[..., 7:] == 0)
+    if inflow == "edge":
+        assert torch.allclose(out[..., :4], torch.ones(1, 1, 16, 4))
+        assert torch.allclose(evolution.disp[:, 1], torch.full((1, 16, 16), 3.0))  # carried from the edge too
+    else:
+        assert torch.all(out[..., :3] == 0)
+
+
+def test_inflow_reaches_the_models_forecast() -> None:
+    """model.inflow is what the models' forecasts use: a fresh model with the prior keeps the upwind edge's rain
+    with inflow: edge and loses it with zero (the rest of the frame is the same)."""
+    torch.manual_seed(0)
+    prior = {"kind": "block_matching", "pool": 2, "radius": 4, "lag": 1, "smooth": 4}
+    clip = moving_blobs()
+    x = clip[:, :IN_LEN].clone()
+    x[..., :, :4] = x[..., :, :4] + 0.5  # rain along the left edge of every input frame
+    outs = {}
+    for inflow in ("zero", "edge"):
+        torch.manual_seed(0)
+        cfg = ModelConfig(name="convlstm", residual=True, motion=True, prior=prior, inflow=inflow, **TINY)
+        with torch.no_grad():
+            outs[inflow] = models.build(cfg).eval()(x, OUT_LEN)
+    assert not torch.equal(outs["zero"], outs["edge"])
+    assert outs["edge"][..., :2].sum() > outs["zero"][..., :2].sum()
+
+
+def test_inflow_bad_value_is_one_line_naming_the_key() -> None:
+    from pipeline.config import from_dict
+    from pipeline.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model\.inflow") as err:
+        from_dict({"model": {"inflow": "sideways"}})
+    assert "\n" not in str(err.value)
+
+
 def test_evolution_interpolates_the_frame_once_per_lead() -> None:
     """A constant half-pixel flow for 4 steps moves a blob 2 pixels with one bilinear interpolation,
     not four: the blob stays as sharp as a single 2-pixel shift."""
