@@ -105,7 +105,7 @@ def _copy_windows(src: Path, dest: Path) -> Path:
 
 
 def _copy_code(dest: Path) -> Path:
-    for rel in ("models", "pipeline/training"):
+    for rel in ("models", "pipeline/training", "pipeline/scoring"):
         shutil.copytree(REPO / rel, dest / rel, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copyfile(REPO / "pipeline/train.py", dest / "pipeline/train.py")
     return dest
@@ -127,13 +127,14 @@ def test_a_checkpoint_records_params_code_and_data_separately(sample, tmp_path):
     assert state["config_hash"] == checkpoint.config_hash(cfg, 1) == result.config_hash
 
 
-def test_the_code_hash_covers_models_training_and_the_train_entrypoint_only(tmp_path, monkeypatch):
+def test_the_code_hash_covers_models_training_scoring_and_the_train_entrypoint_only(tmp_path, monkeypatch):
     root = _copy_code(tmp_path / "code")
     (root / "pipeline" / "evaluate.py").write_text("# not training code\n")
     monkeypatch.setattr(checkpoint, "CODE_ROOT", root, raising=False)
     seen = {checkpoint.code_hash()}
     assert checkpoint.code_hash() in seen  # stable
-    for rel in ("models/__init__.py", "pipeline/training/loop.py", "pipeline/train.py"):
+    # the scores' code too: validation scores pick best.pt and are the study's objective
+    for rel in ("models/__init__.py", "pipeline/training/loop.py", "pipeline/scoring/scores.py", "pipeline/train.py"):
         with open(root / rel, "a") as fh:
             fh.write("\n# changed\n")
         now = checkpoint.code_hash()
@@ -388,3 +389,13 @@ def test_dvc_yaml_declares_every_param_the_training_stages_read(sample, tmp_path
     ]  # its own pipeline
     missing = sorted(k for k in phase1_reads - runtime if not k.startswith("windows.") and not _covered(k, declared))
     assert not missing, f"search trials read {missing}, not in its dvc.yaml params"
+
+
+def test_the_training_stages_depend_on_all_the_code_their_checkpoints_are_keyed_on():
+    """DVC reruns a training stage (and the study) when any of the code in a checkpoint's identity changes,
+    so a stale checkpoint is never kept by a pipeline that skipped the stage."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    search = yaml.safe_load((REPO / "search" / "dvc.yaml").read_text())["stages"]["search"]
+    for name, stage in (("train_phase1", stages["train_phase1"]), ("train_phase2", stages["train_phase2"])):
+        assert set(checkpoint.CODE_PATHS) <= set(stage["deps"]), name
+    assert set(checkpoint.CODE_PATHS) - {"pipeline/train.py"} <= set(search["deps"])

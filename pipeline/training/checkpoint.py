@@ -17,7 +17,8 @@ with ``torch.save`` and read back with ``torch.load(..., weights_only=True)`` (n
 A kept ``last.pt`` is resumed only when all three parts of its identity equal the current run's:
 ``params`` (the params.yaml keys that shape this phase, the validation scores' included, and for
 phase 2 the identity of the phase-1 checkpoint it starts from), ``code`` (every ``*.py`` under
-``models/`` and ``pipeline/training/``, and ``pipeline/train.py``) and ``data`` (the windows files
+``models/``, ``pipeline/training/`` and ``pipeline/scoring/`` (validation scores pick ``best.pt``), and
+``pipeline/train.py``) and ``data`` (the windows files
 ``train.h5`` and ``val.h5``, by content, see :func:`data_fingerprint`). Anything else is trained
 from scratch. Weights that do not fit the model (:func:`load_weights`) are a one-line
 :class:`DataError`, wherever they are loaded.
@@ -57,9 +58,10 @@ _NOT_HASHED_TRAIN_KEYS = ("device", "compile", "num_workers", "threads", "nproc_
 # The params.yaml keys under ``evaluate`` that validation during training reads (Trainer._validate):
 # they pick best.pt and the early stop, so they are part of a phase's identity and its dvc.yaml params.
 VALIDATION_KEYS = ("thresholds", "pool_sizes", "ssim")
-# The source that shapes training, relative to CODE_ROOT: every *.py under a folder, or one file.
+# The source that shapes training, relative to CODE_ROOT: every *.py under a folder, or one file. The scores'
+# code is in it: validation scores pick best.pt, stop early and are the study's objective.
 CODE_ROOT = Path(__file__).resolve().parents[2]
-CODE_PATHS = ("models", "pipeline/training", "pipeline/train.py")
+CODE_PATHS = ("models", "pipeline/training", "pipeline/scoring", "pipeline/train.py")
 # The windows files a phase reads, in windows.root.
 DATA_FILES = ("train.h5", "val.h5")
 # Windows files up to this size are hashed whole; a larger one by its layout, its small datasets and
