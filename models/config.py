@@ -113,7 +113,7 @@ class ModelConfig(_Section):
     # what model.motion advects in from outside the frame, where the true rain is unseen: zero (as pysteps'
     # extrapolation; rain near the upwind edge is lost) | edge (the nearest edge pixel: the border held as
     # persistence). edge is ours, chosen on the val split (benchmarks/README.md, "Inflow at the frame's edge")
-    inflow: Literal["zero", "edge"] = "zero"
+    inflow: Literal["zero", "edge"] = "edge"
     # position information of window attention: relative (a learned bias per relative offset, Swin), absolute
     # (a learned embedding per position in the window, added to the tokens), sincos (fixed 2D sin/cos, added),
     # rotary (2D RoPE on queries and keys; head dims multiples of 4)

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
                 mlflow, doc, tables, split, files=[metrics_path, scores_path, summary, *placed], reports_dir=out
             )
             # the windows as dataset inputs, the phase-2 weights as the registered MLflow model of this run
-            digests = log_windows_inputs(mlflow, cfg.windows.root, ("train", "val", "test"))
+            digests = log_windows_inputs(mlflow, cfg.windows.root, ("train", "val", "test"), on_parent=True)
             log_model(mlflow, forecasters["model"].model, ckpt["model_config"], ckpt["data"], minutes, doc, split,
                       digests.get(split))  # fmt: skip
         except (OSError, MlflowException) as err:

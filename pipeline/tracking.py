@@ -378,10 +378,13 @@ def windows_dataset(path: Path, split: str) -> Any:
 WINDOWS_CONTEXTS = {"train": "training", "val": "validation", "test": "test"}
 
 
-def log_windows_inputs(mlflow: Any, windows_root: Path, splits: tuple[str, ...]) -> dict[str, str]:
+def log_windows_inputs(
+    mlflow: Any, windows_root: Path, splits: tuple[str, ...], on_parent: bool = False
+) -> dict[str, str]:
     """Log ``<windows_root>/<split>.h5`` of each of ``splits`` as a dataset input of the active run
     (context training / validation / test); returns ``{split: digest}``. Missing files are skipped;
-    a no-op without an active run (tracking off)."""
+    a no-op without an active run (tracking off). ``on_parent``: the pipeline's parent run gets them
+    too, so its row in the runs table (children collapsed) shows the data it was scored on."""
     if (
         not hasattr(mlflow, "active_run")
         or not callable(getattr(mlflow, "log_input", None))
@@ -389,13 +392,24 @@ def log_windows_inputs(mlflow: Any, windows_root: Path, splits: tuple[str, ...])
     ):
         return {}
     digests: dict[str, str] = {}
+    entities = []
     for split in splits:
         path = Path(windows_root) / f"{split}.h5"
         if not path.is_file():
             continue
         dataset = windows_dataset(path, split)
-        mlflow.log_input(dataset, context=WINDOWS_CONTEXTS.get(split, split))
+        context = WINDOWS_CONTEXTS.get(split, split)
+        mlflow.log_input(dataset, context=context)
         digests[split] = dataset.digest
+        entities.append((dataset, context))
+    parent = mlflow.get_parent_run(mlflow.active_run().info.run_id) if on_parent and entities else None
+    if parent is not None:
+        from mlflow import MlflowClient
+        from mlflow.entities import DatasetInput, InputTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        inputs = [DatasetInput(d._to_mlflow_entity(), [InputTag(MLFLOW_DATASET_CONTEXT, c)]) for d, c in entities]
+        MlflowClient().log_inputs(parent.info.run_id, datasets=inputs)
     return digests
 
 

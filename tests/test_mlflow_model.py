@@ -123,6 +123,10 @@ def test_evaluate_run_has_the_windows_as_dataset_inputs_and_source_tags(store, t
     assert test.dataset.digest == hashlib.md5((tmp_path / "windows" / "test.h5").read_bytes()).hexdigest()
     assert str(tmp_path / "windows" / "test.h5") in test.dataset.source
     assert {t.key: t.value for t in test.tags}["mlflow.data.context"] == "test"
+    # the pipeline's parent run carries them too: its row in the runs table shows the data it was scored on
+    parent = client.get_run(run.data.tags["mlflow.parentRunId"])
+    on_parent = {d.dataset.name: d.dataset.digest for d in parent.inputs.dataset_inputs}
+    assert on_parent == {name: d.dataset.digest for name, d in inputs.items()}
     version = client.search_model_versions(f"run_id = '{run.info.run_id}'")[0]
     assert version.tags[mlflow_log.DIGEST_TAG] == test.dataset.digest
     tags = run.data.tags

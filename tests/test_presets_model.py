@@ -52,7 +52,7 @@ REFERENCE_OPTIONS: dict[str, Any] = {
     "model.prior.pairs": 3,
     "model.prior.smooth": 15,
     "model.prior.patch": 9,
-    "model.inflow": "zero",  # unused with motion false: nothing is advected (the ModelConfig default)
+    "model.inflow": "edge",  # unused with motion false: nothing is advected (the ModelConfig default)
     "model.pos": "relative",  # model.py SwinLSTMCell: use_pe=True, dwc_pe=False, fixed_pe=False -> dat.py rpe_table
     "model.dat.groups": 4,  # model.py SwinLSTMCell n_group=4
     "model.dat.sampling": "window",  # dat.py DATSwinDAttention.forward samples the (window x window) map
