@@ -4,8 +4,8 @@
 
 Phase 1 (memory learning) trains from scratch; phase 2 (frozen memory) starts from the phase-1
 best checkpoint. Both resume from their ``last.pt`` only when it was made from the same params,
-the same training code (``models/``, ``pipeline/training/``, ``pipeline/scoring/``, this file) and the same windows files
-(``train.h5``, ``val.h5``); otherwise they train from scratch and log one line saying which of
+the same training code (``models/``, ``pipeline/training/``, ``pipeline/scoring/``, this file) and
+the same windows files (``train.h5``, ``val.h5``); otherwise they train from scratch and log one line saying which of
 the three changed. A phase-1 checkpoint from other code or data is refused by phase 2 (rerun
 train_phase1). ``train.nproc_per_node: N`` (N > 1) makes this command launch N DDP workers of
 itself through ``torch.distributed.run``; under torchrun it is one of the workers. See the README

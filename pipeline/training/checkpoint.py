@@ -17,9 +17,9 @@ with ``torch.save`` and read back with ``torch.load(..., weights_only=True)`` (n
 A kept ``last.pt`` is resumed only when all three parts of its identity equal the current run's:
 ``params`` (the params.yaml keys that shape this phase, the validation scores' included, and for
 phase 2 the identity of the phase-1 checkpoint it starts from), ``code`` (every ``*.py`` under
-``models/``, ``pipeline/training/`` and ``pipeline/scoring/`` (validation scores pick ``best.pt``), and
-``pipeline/train.py``) and ``data`` (the windows files
-``train.h5`` and ``val.h5``, by content, see :func:`data_fingerprint`). Anything else is trained
+``models/``, ``pipeline/training/`` and ``pipeline/scoring/``, whose validation scores pick ``best.pt``,
+and ``pipeline/train.py``) and ``data`` (the windows files ``train.h5`` and ``val.h5``, by content,
+see :func:`data_fingerprint`). Anything else is trained
 from scratch. Weights that do not fit the model (:func:`load_weights`) are a one-line
 :class:`DataError`, wherever they are loaded.
 
