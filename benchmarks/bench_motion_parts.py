@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from pipeline import config as config_mod
     from pipeline.scoring import evaluation
-    from pipeline.scoring.forecasters import ModelForecaster
-    from pipeline.training.checkpoint import load_model, read_checkpoint
+    from pipeline.scoring.forecasters import model_from_checkpoint
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoints", nargs="+", type=Path)
@@ -56,19 +55,20 @@ def main(argv: list[str] | None = None) -> int:
     cfg = config_mod.load(Path(args.params))
     path = Path(args.windows or cfg.windows.root) / f"{args.split}.h5"
     for ckpt in args.checkpoints:
-        model = load_model(ckpt)
+        forecaster = model_from_checkpoint(ckpt)  # the network and the data shape it was trained on
+        model = forecaster.model
         head = flow_head(model)
         if head is None:
             print(f"{ckpt}: model.motion is off in this checkpoint; it has no flow and change to split")
             return 1
         trained = (head.FLOW_SCALE, head.CHANGE_SCALE)
-        dataset = evaluation.open_windows(path, read_checkpoint(ckpt).get("data"))
+        dataset = evaluation.open_windows(path, forecaster.data)
         print(f"\n{ckpt} ({model.cfg.name}, {args.split}: {len(dataset)} windows)")
         print(f"{'variant':34s} {'CSI-M':>7s} {'HSS-M':>7s} {'MSE':>9s} {'SSIM':>6s}")
         for name, (flow, change) in VARIANTS.items():
             head.FLOW_SCALE, head.CHANGE_SCALE = trained[0] * flow, trained[1] * change  # instance attributes
             t0 = time.perf_counter()
-            s = evaluation.evaluate(dataset, {"model": ModelForecaster(model)}, cfg.evaluate).scores["model"]
+            s = evaluation.evaluate(dataset, {"model": forecaster}, cfg.evaluate).scores["model"]
             print(f"{name:34s} {s['csi_m']:7.4f} {s['hss_m']:7.4f} {s['mse']:9.5f} {s['ssim']:6.3f}"
                   f"   ({time.perf_counter() - t0:.0f} s)", flush=True)  # fmt: skip
     return 0
